@@ -1,0 +1,1 @@
+"""Offline GeoMeld dataset build: sources -> validate -> caption -> split -> ArrayRecord (TFDS)."""

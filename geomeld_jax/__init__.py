@@ -1,0 +1,1 @@
+"""GeoMeld-FM in JAX/Flax: modality registry, records, models, losses and training."""
