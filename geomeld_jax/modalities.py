@@ -330,7 +330,8 @@ def codes_to_storage(modality: PixelModality, codes: np.ndarray) -> tuple[np.nda
 def class_targets(stored: np.ndarray) -> np.ndarray:
   """Stored class indices (H, W, 1) -> int32 (H, W) targets with CLASS_IGNORE at no data."""
   s = stored[..., 0]
-  return np.where(s == CLASS_NODATA, CLASS_IGNORE, s).astype(np.int32)
+  # Cast first: np.where(mask, -1, uint8) stays uint8 under NumPy 2 promotion and gives 255.
+  return np.where(s == CLASS_NODATA, CLASS_IGNORE, s.astype(np.int32))
 
 
 # ----------------------------------------------------------------------------------------

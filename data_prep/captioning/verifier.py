@@ -1,0 +1,500 @@
+"""The verification agent: claim extraction, checking, rewriting, and the claim table.
+
+Parser: a caption is split into sentences and clauses (at ``, ; :``); each clause is scanned
+with the phrase tables of `lexicon` (longest phrase first, spans never reused) for claims of
+these kinds: land cover (class + extent phrase, negation, or "about NN%"), water (presence,
+extent, form river/lake/sea, location "in the west"), terrain class, slope (steep/gentle),
+relief/elevation numbers, aspect ("north-facing"), vegetation density, vegetated share,
+canopy height, tall/low trees, tree cover, densely built, season, month, hemisphere and place
+(country names, the tile's region/nearest place, and any "near X"/"in X" name).
+
+Checks use the tolerances in `lexicon` against attributes with confidence >= 0.5; a claim on
+an unknown or low-confidence attribute is `unsupported`. Verdicts: supported, contradicted,
+unsupported. Actions: a contradicted extent, number or season is rewritten to the measured
+value; any other contradicted or unsupported claim removes its clause; a sentence left with no
+supported claim is removed (so text without verifiable content, e.g. instructions injected
+through metadata, never survives); a caption left with nothing is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+from typing import Any
+
+from data_prep.captioning import lexicon as lx
+from data_prep.captioning._country_names import COUNTRY_NAMES
+from data_prep.captioning.orchestrator import CLAIM_CONFIDENCE, AttributeRecord, relief_class
+
+SUPPORTED, CONTRADICTED, UNSUPPORTED = "supported", "contradicted", "unsupported"
+COVERAGE_GROUPS = ("landcover", "water", "terrain", "vegetation", "builtup", "season", "place")
+_KIND_GROUP = {"landcover": "landcover", "water": "water", "water_location": "water",
+               "terrain": "terrain", "slope": "terrain", "relief": "terrain",
+               "elevation": "terrain", "aspect": "terrain", "vegetation": "vegetation",
+               "vegetated_fraction": "vegetation", "canopy": "vegetation",
+               "tree_cover": "vegetation", "builtup": "builtup", "season": "season",
+               "month": "season", "hemisphere": "season", "place": "place"}
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_APPROX = r"(?:(?:about|around|roughly|nearly|approximately|almost|close to|some|near|~)\s*)?"
+_COMPASS_RE = "|".join(sorted(lx.COMPASS, key=len, reverse=True))
+_NAME = r"([A-Z][\w'.-]*(?:[ -](?:de|la|le|del|di|am|an|upon|[A-Z][\w'.-]*))*)"
+_NOT_PLACE = set(lx.MONTHS) | {"The", "This", "Sentinel", "It", "A", "An", "Northern",
+                                "Southern", "Winter", "Spring", "Summer", "Autumn", "Fall"}
+
+
+@dataclasses.dataclass
+class Claim:
+  kind: str
+  subject: str
+  text: str
+  start: int
+  end: int
+  extent: str | None = None
+  extent_span: tuple[int, int] | None = None
+  number: float | None = None
+  number_span: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class Check:
+  verdict: str
+  evidence: str
+  # (start, end, text) to splice in, or None: a contradicted claim without one drops its clause.
+  fix: tuple[int, int, str] | None = None
+
+
+@dataclasses.dataclass
+class Verification:
+  original: str
+  caption: str | None  # None: rejected
+  claims: list[dict[str, Any]]  # the original's claim table, with the action taken
+  final_claims: list[dict[str, Any]]  # the verified caption's claim table
+  precision: float  # supported / all claims of the original (0 when it has none)
+  coverage: float  # share of available attribute groups the verified caption covers
+  reason: str = ""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _fold(s: str) -> str:
+  return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c)
+                 ).lower().strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing.
+# ----------------------------------------------------------------------------------------
+
+
+def _res(phrases_by_key: dict[str, tuple[str, ...]]) -> list[tuple[str, re.Pattern]]:
+  return [(k, lx.phrase_regex(v)) for k, v in phrases_by_key.items()]
+
+
+_EXTENT_RE = lx.phrase_regex([p for _, _, ps in lx.EXTENTS.values() for p in ps])
+_EXTENT_OF = {p.lower(): name for name, (_, _, ps) in lx.EXTENTS.items() for p in ps}
+_COUNTRY_RE = lx.phrase_regex(COUNTRY_NAMES.values(), case_sensitive=True)
+_SIMPLE_TABLES: list[tuple[str, list[tuple[str, re.Pattern]]]] = [
+    ("builtup", [("dense", lx.phrase_regex(lx.DENSE_BUILT_PHRASES))]),
+    ("vegetation", [(k, lx.phrase_regex(v[2])) for k, v in lx.VEGETATION_DENSITY.items()]),
+    ("canopy", [("tall", lx.phrase_regex(lx.TALL_PHRASES)),
+                ("low", lx.phrase_regex(lx.LOW_PHRASES))]),
+    ("slope", _res(lx.SLOPE_PHRASES)),
+    ("terrain", _res(lx.TERRAIN_PHRASES)),
+    ("hemisphere", [(h, re.compile(rf"\b{h} hemisphere\b", re.I)) for h in lx.HEMISPHERES]),
+    ("season", _res(lx.SEASON_PHRASES)),
+    ("month", [(str(i + 1), re.compile(rf"\b{m}\b")) for i, m in enumerate(lx.MONTHS)]),
+]
+_NUMBER_PATTERNS: list[tuple[str, str, re.Pattern]] = [
+    ("tree_cover", "mean", re.compile(rf"tree cover of {_APPROX}{_NUM}\s?%", re.I)),
+    ("vegetated_fraction", "mean",
+     re.compile(rf"vegetation (?:covers|covering) {_APPROX}{_NUM}\s?%", re.I)),
+    ("canopy", "p90", re.compile(rf"\btrees? (?:reaching |of )?up to {_NUM}\s?m\b(?: tall)?", re.I)),
+    ("canopy", "mean", re.compile(
+        rf"\bcanop(?:y|ies)(?: height)?(?: (?:of|near|around|about|averaging|at|close to))*\s*"
+        rf"{_NUM}\s?m\b", re.I)),
+    ("canopy", "mean", re.compile(rf"\btrees? {_APPROX}{_NUM}\s?m tall", re.I)),
+    ("relief", "relief", re.compile(
+        rf"\b(?:relief|height difference)s? of {_APPROX}{_NUM}\s?m\b", re.I)),
+    ("relief", "relief", re.compile(rf"\b{_NUM}\s?m of relief", re.I)),
+    ("elevation", "mean", re.compile(
+        rf"\b(?:elevation|altitude)s? (?:of |around |near |about |averaging |at )*{_NUM}\s?m\b",
+        re.I)),
+    ("elevation", "mean", re.compile(rf"\b{_NUM}\s?m above sea level", re.I)),
+]
+_ASPECT_RE = re.compile(rf"\b({_COMPASS_RE})-facing", re.I)
+_LOCATION_RE = re.compile(
+    rf"\bin the ({_COMPASS_RE}|centre|center)(?:ern)?(?: (?:part|side|corner|half|edge))?"
+    rf"(?: of the tile)?", re.I)
+_PERCENT_RE = re.compile(rf"{_APPROX}{_NUM}\s?%")
+_PLACE_RE = re.compile(rf"\b(?:near|close to|outside|in|around|of) {_NAME}")
+
+
+class _Scanner:
+  """Finds non-overlapping matches in a clause, in priority order."""
+
+  def __init__(self, text: str):
+    self.text = text
+    self.taken = [False] * len(text)
+
+  def free(self, s: int, e: int) -> bool:
+    return not any(self.taken[s:e])
+
+  def take(self, s: int, e: int) -> None:
+    for i in range(s, e):
+      self.taken[i] = True
+
+  def find(self, pattern: re.Pattern, group: int = 0):
+    for m in pattern.finditer(self.text):
+      s, e = m.span(group)
+      if s < e and self.free(s, e):
+        self.take(*m.span(0) if group == 0 else (s, e))
+        yield m
+
+
+def parse_clause(text: str, record: AttributeRecord | None = None) -> list[Claim]:
+  """Every claim in one clause, in text order."""
+  sc = _Scanner(text)
+  claims: list[Claim] = []
+  # Places first: capitalised names would otherwise read as land cover ("Forest Hills").
+  for m in sc.find(_COUNTRY_RE):
+    claims.append(Claim("place", m.group(0), m.group(0), *m.span()))
+  known_names = []
+  if record is not None:
+    for n in ("place.nearest", "place.region"):
+      v = record.value(n)
+      if v:
+        known_names.append(str(v))
+  if known_names:
+    for m in sc.find(lx.phrase_regex(known_names, case_sensitive=True)):
+      claims.append(Claim("place", m.group(0), m.group(0), *m.span()))
+  for m in _PLACE_RE.finditer(text):
+    name = m.group(1)
+    if name.split(" ")[0] in _NOT_PLACE or not sc.free(*m.span(1)):
+      continue
+    sc.take(*m.span(1))
+    claims.append(Claim("place", name, name, *m.span(1)))
+  for kind, stat, pat in _NUMBER_PATTERNS:
+    for m in sc.find(pat):
+      claims.append(Claim(kind, stat, m.group(0), *m.span(), number=float(m.group(1)),
+                          number_span=m.span(1)))
+  for m in sc.find(_ASPECT_RE):
+    claims.append(Claim("aspect", m.group(1).lower(), m.group(0), *m.span()))
+  for m in sc.find(_LOCATION_RE):
+    word = m.group(1).lower()
+    claims.append(Claim("water_location", "centre" if word == "center" else word, m.group(0),
+                        *m.span()))
+  for kind, table in _SIMPLE_TABLES:
+    for subject, pat in table:
+      for m in sc.find(pat):
+        claims.append(Claim(kind, subject, m.group(0), *m.span()))
+  extent_claims = []
+  for kind, table in (("water", _res(lx.WATER_PHRASES)),
+                      ("landcover", _res(lx.LANDCOVER_PHRASES))):
+    for subject, pat in table:
+      for m in sc.find(pat):
+        c = Claim(kind, subject, m.group(0), *m.span())
+        claims.append(c)
+        extent_claims.append(c)
+  claims.sort(key=lambda c: c.start)
+  _attach_extents(text, claims, extent_claims, sc)
+  return claims
+
+
+def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _Scanner) -> None:
+  """Extent phrase just before a class (up to two words between, no other claim between) and
+  the nearest percentage after it (or before it when none follows)."""
+  for c in targets:
+    prev_end = max([o.end for o in claims if o.end <= c.start], default=0)
+    window = text[prev_end:c.start]
+    best = None
+    for m in _EXTENT_RE.finditer(window):
+      between = window[m.end():].split()
+      if len(between) <= 2:
+        best = m
+    if best is not None:
+      c.extent = _EXTENT_OF[best.group(0).lower()]
+      c.extent_span = (prev_end + best.start(), prev_end + best.end())
+  for m in _PERCENT_RE.finditer(text):
+    if not sc.free(*m.span(1)):
+      continue
+    before = [c for c in targets if c.end <= m.start() and c.number is None]
+    after = [c for c in targets if c.start >= m.end() and c.number is None]
+    owner = before[-1] if before else (after[0] if after else None)
+    if owner is not None:
+      owner.number, owner.number_span = float(m.group(1)), m.span(1)
+      sc.take(*m.span(1))
+
+
+# ----------------------------------------------------------------------------------------
+# Checking.
+# ----------------------------------------------------------------------------------------
+
+
+def _fraction_check(c: Claim, f: float, evidence: str, rng_phrase: str) -> Check:
+  """Shared by land cover and water: presence, extent phrase, or percentage."""
+  if c.number is not None:
+    if abs(c.number - 100.0 * f) <= lx.PERCENT_TOLERANCE:
+      return Check(SUPPORTED, evidence)
+    if f < lx.PRESENCE_RANGE[0]:
+      return Check(CONTRADICTED, evidence)
+    return Check(CONTRADICTED, evidence, (*c.number_span, f"{round(100 * f):d}"))
+  if c.extent is not None:
+    if lx.extent_holds(c.extent, f):
+      return Check(SUPPORTED, evidence)
+    if c.extent == "none" or f < lx.PRESENCE_RANGE[0]:
+      return Check(CONTRADICTED, evidence)
+    names = lx.extent_for(f) or ["moderate"]
+    names = [n for n in names if n != "none"] or ["small"]
+    return Check(CONTRADICTED, evidence, (*c.extent_span, lx.EXTENTS[names[0]][2][0]))
+  if f >= lx.PRESENCE_RANGE[0] - 0.002:
+    return Check(SUPPORTED, evidence)
+  return Check(CONTRADICTED, evidence + f" ({rng_phrase} absent)")
+
+
+def check_claim(c: Claim, record: AttributeRecord) -> Check:
+  v = lambda name: record.value(name, CLAIM_CONFIDENCE)  # noqa: E731
+  kind = c.kind
+  if kind == "landcover":
+    fr = v("landcover.fractions")
+    if fr is None:
+      return Check(UNSUPPORTED, "land cover unknown")
+    f = float(fr.get(c.subject, 0.0))
+    return _fraction_check(c, f, f"{c.subject} covers {100 * f:.1f}% "
+                           f"({record.get('landcover.fractions').source})", c.subject)
+  if kind == "water":
+    pct = v("water.percent")
+    if pct is None:
+      return Check(UNSUPPORTED, "water unknown")
+    f = float(pct) / 100.0
+    ev = f"water {pct:.1f}% ({record.get('water.percent').source})"
+    base = _fraction_check(c, f, ev, "water")
+    if base.verdict != SUPPORTED or c.subject == "any" or c.extent == "none":
+      return base
+    form = v("water.form")
+    if c.subject == "sea":
+      return base if f >= lx.SEA_MIN_FRACTION - lx.EXTENT_TOLERANCE else Check(
+          CONTRADICTED, ev + ", too little water for sea", (c.start, c.end, "open water"))
+    if form == c.subject:
+      return Check(SUPPORTED, ev + f", main water body {form}-shaped")
+    return Check(CONTRADICTED, ev + f", main water body is {form or 'of no clear form'}",
+                 (c.start, c.end, "open water"))
+  if kind == "water_location":
+    loc = v("water.location")
+    if loc is None:
+      return Check(UNSUPPORTED, "no located water body")
+    if loc == c.subject or (loc != "centre" and c.subject != "centre" and abs(
+        (lx.compass_angle(loc) - lx.compass_angle(c.subject) + 180) % 360 - 180) <= 45):
+      return Check(SUPPORTED, f"water centred {loc}")
+    return Check(CONTRADICTED, f"water centred {loc}")
+  if kind == "terrain":
+    if c.subject in ("valley", "ridge"):
+      lf = v("terrain.landform")
+      if lf is None:
+        return Check(UNSUPPORTED, "landform unknown")
+      return Check(SUPPORTED if lf == c.subject else CONTRADICTED,
+                   f"landform {lf} ({record.get('terrain.landform').note})")
+    relief, slope = v("terrain.relief"), v("terrain.slope_mean")
+    if relief is None or slope is None:
+      return Check(UNSUPPORTED, "terrain unknown")
+    ok = {relief_class(relief, slope, s) for s in (0.8, 1.0, 1.25)}
+    ev = f"relief {relief:.0f} m, mean slope {slope:.1f} deg: {relief_class(relief, slope)}"
+    if c.subject in ok:
+      return Check(SUPPORTED, ev)
+    actual = relief_class(relief, slope)
+    fix = None
+    if c.text.lower() in ("flat", "hilly", "mountainous") and actual in ("flat", "hilly",
+                                                                        "mountainous"):
+      fix = (c.start, c.end, actual)
+    return Check(CONTRADICTED, ev, fix)
+  if kind == "slope":
+    p90, mean = v("terrain.slope_p90"), v("terrain.slope_mean")
+    if p90 is None:
+      return Check(UNSUPPORTED, "slope unknown")
+    ev = f"slope mean {mean:.1f}, p90 {p90:.1f} deg"
+    ok = (p90 >= lx.STEEP_MIN_SLOPE_P90 - lx.SLOPE_TOLERANCE if c.subject == "steep"
+          else mean <= lx.GENTLE_MAX_SLOPE_MEAN + lx.SLOPE_TOLERANCE)
+    return Check(SUPPORTED if ok else CONTRADICTED, ev)
+  if kind in ("relief", "elevation", "canopy", "tree_cover", "vegetated_fraction"):
+    return _number_check(c, record)
+  if kind == "aspect":
+    asp = v("terrain.aspect")
+    if asp is None:
+      return Check(UNSUPPORTED, "no single aspect")
+    diff = abs((lx.compass_angle(asp) - lx.compass_angle(c.subject) + 180) % 360 - 180)
+    return Check(SUPPORTED if diff <= lx.ASPECT_TOLERANCE_DEG else CONTRADICTED,
+                 f"fitted plane faces {asp}")
+  if kind == "vegetation":
+    nd = v("vegetation.ndvi_mean")
+    if nd is None:
+      return Check(UNSUPPORTED, "NDVI unknown or cloudy")
+    ok = lx.density_holds(c.subject, nd)
+    return Check(SUPPORTED if ok else CONTRADICTED, f"mean NDVI {nd:.2f}")
+  if kind == "builtup":
+    b = v("builtup.fraction")
+    if b is None:
+      return Check(UNSUPPORTED, "built-up unknown")
+    ok = b >= lx.DENSE_BUILT_MIN - lx.EXTENT_TOLERANCE
+    return Check(SUPPORTED if ok else CONTRADICTED, f"built-up {100 * b:.1f}%")
+  if kind in ("season", "month", "hemisphere"):
+    name = {"season": "time.season", "month": "time.month", "hemisphere": "time.hemisphere"}[kind]
+    val = v(name)
+    if val is None:
+      return Check(UNSUPPORTED, f"{kind} unknown")
+    ok = str(val) == c.subject
+    fix = (c.start, c.end, str(val)) if kind == "season" and not ok else None
+    return Check(SUPPORTED if ok else CONTRADICTED, f"{kind} {val} (date {v('time.date')})", fix)
+  if kind == "place":
+    names = {n: v(n) for n in ("place.nearest", "place.region", "place.country")}
+    if not any(names.values()):
+      return Check(UNSUPPORTED, "place unknown")
+    ev = ", ".join(f"{k.split('.')[1]} {val}" for k, val in names.items() if val)
+    ok = any(val and _fold(str(val)) == _fold(c.subject) for val in names.values())
+    return Check(SUPPORTED if ok else CONTRADICTED, ev)
+  raise ValueError(f"no check for claim kind {kind!r}")
+
+
+def _number_check(c: Claim, record: AttributeRecord) -> Check:
+  v = lambda name: record.value(name, CLAIM_CONFIDENCE)  # noqa: E731
+  if c.kind == "canopy" and c.subject in ("tall", "low"):
+    p90, mean = v("vegetation.canopy_p90"), v("vegetation.canopy_mean")
+    if p90 is None:
+      return Check(UNSUPPORTED, "canopy height unknown")
+    ok = (p90 >= lx.TALL_CANOPY_MIN_P90 - 3.0 if c.subject == "tall"
+          else mean <= lx.LOW_CANOPY_MAX_MEAN + 2.0)
+    return Check(SUPPORTED if ok else CONTRADICTED, f"canopy mean {mean} m, p90 {p90} m")
+  spec = {
+      ("canopy", "mean"): ("vegetation.canopy_mean", lx.CANOPY_TOLERANCE, 1.0, "m"),
+      ("canopy", "p90"): ("vegetation.canopy_p90", lx.CANOPY_TOLERANCE, 1.0, "m"),
+      ("relief", "relief"): ("terrain.relief", lx.RELIEF_TOLERANCE, 1.0, "m"),
+      ("elevation", "mean"): ("terrain.elevation_mean", lx.ELEVATION_TOLERANCE, 1.0, "m"),
+      ("tree_cover", "mean"): ("vegetation.tree_cover", (lx.PERCENT_TOLERANCE, 0.0), 100.0, "%"),
+      ("vegetated_fraction", "mean"): ("vegetation.vegetated_fraction",
+                                       (lx.PERCENT_TOLERANCE, 0.0), 100.0, "%"),
+  }[(c.kind, c.subject)]
+  name, tol, mult, unit = spec
+  val = v(name)
+  if val is None:
+    return Check(UNSUPPORTED, f"{name} unknown")
+  measured = float(val) * mult
+  ev = f"{name} = {measured:.1f} {unit}"
+  if lx.within(c.number, measured, tol):
+    return Check(SUPPORTED, ev)
+  return Check(CONTRADICTED, ev, (*c.number_span, f"{round(measured):d}"))
+
+
+# ----------------------------------------------------------------------------------------
+# Rewriting.
+# ----------------------------------------------------------------------------------------
+
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_CLAUSE_SPLIT = re.compile(r"\s*[,;:]\s*")
+
+
+def _clauses(sentence: str) -> list[str]:
+  return [c for c in _CLAUSE_SPLIT.split(sentence.strip().rstrip(".!?").strip()) if c]
+
+
+def _join(clauses: list[str]) -> str:
+  s = ", ".join(c.strip() for c in clauses if c.strip())
+  return (s[0].upper() + s[1:] + ".") if s else ""
+
+
+def _pass(caption: str, record: AttributeRecord) -> tuple[str, list[dict[str, Any]], int]:
+  """One verification pass: returns the rewritten caption, the claim table, and how many
+  claims were contradicted or unsupported."""
+  table: list[dict[str, Any]] = []
+  bad = 0
+  sentences_out = []
+  for sentence in _SENTENCE_SPLIT.split(caption.strip()):
+    kept = []
+    supported_in_sentence = 0
+    for clause in _clauses(sentence):
+      claims = parse_clause(clause, record)
+      fixes, drop = [], False
+      for c in claims:
+        chk = check_claim(c, record)
+        action = "keep"
+        if chk.verdict != SUPPORTED:
+          bad += 1
+          if chk.verdict == CONTRADICTED and chk.fix is not None:
+            fixes.append(chk.fix)
+            action = f"rewrite -> {chk.fix[2]!r}"
+          else:
+            drop = True
+            action = "remove clause"
+        table.append({"claim": c.text, "kind": c.kind, "subject": c.subject,
+                      "evidence": chk.evidence, "verdict": chk.verdict, "action": action})
+      if drop:
+        continue
+      if not claims:
+        table.append({"claim": clause, "kind": "none", "subject": "", "evidence": "",
+                      "verdict": UNSUPPORTED, "action": "remove clause (no verifiable content)"})
+        continue
+      for s, e, repl in sorted(fixes, reverse=True):
+        clause = clause[:s] + repl + clause[e:]
+      kept.append(clause)
+      supported_in_sentence += len(claims)
+    if kept and supported_in_sentence:
+      sentences_out.append(_join(kept))
+  return " ".join(sentences_out).strip(), table, bad
+
+
+def coverage(final_table: list[dict[str, Any]], record: AttributeRecord) -> float:
+  available = available_groups(record)
+  if not available:
+    return 0.0
+  covered = {_KIND_GROUP[r["kind"]] for r in final_table
+             if r["verdict"] == SUPPORTED and r["kind"] in _KIND_GROUP}
+  return len(covered & available) / len(available)
+
+
+def available_groups(record: AttributeRecord) -> set[str]:
+  v = lambda name: record.value(name, CLAIM_CONFIDENCE)  # noqa: E731
+  groups = set()
+  if v("landcover.fractions"):
+    groups.add("landcover")
+  if v("water.percent") is not None:
+    groups.add("water")
+  if v("terrain.class"):
+    groups.add("terrain")
+  if v("vegetation.ndvi_mean") is not None or v("vegetation.canopy_mean") is not None:
+    groups.add("vegetation")
+  if (v("builtup.fraction") or 0.0) >= 0.01:
+    groups.add("builtup")
+  if v("time.season"):
+    groups.add("season")
+  if v("place.country"):
+    groups.add("place")
+  return groups
+
+
+def verify(caption: str, record: AttributeRecord, max_passes: int = 3) -> Verification:
+  """Checks, rewrites and re-checks a caption until a pass finds nothing to fix."""
+  original = caption if isinstance(caption, str) else ""
+  if not original.strip():
+    return Verification(original, None, [], [], 0.0, 0.0, "empty_caption")
+  text, first_table, _ = _pass(original, record)
+  n_claims = sum(1 for r in first_table if r["kind"] != "none")
+  n_ok = sum(1 for r in first_table if r["verdict"] == SUPPORTED)
+  precision = n_ok / n_claims if n_claims else 0.0
+  final_table: list[dict[str, Any]] = []
+  for _ in range(max_passes):
+    if not text:
+      break
+    new_text, final_table, bad = _pass(text, record)
+    if bad == 0 and new_text == text:
+      break
+    text = new_text
+  else:
+    # Still changing after max_passes: keep only what a last pass leaves untouched.
+    text, final_table, bad = _pass(text, record)
+    if bad:
+      text = ""
+  if not text or not any(r["verdict"] == SUPPORTED for r in final_table):
+    return Verification(original, None, first_table, [], precision, 0.0,
+                        "no_verifiable_content")
+  return Verification(original, text, first_table, final_table, precision,
+                      coverage(final_table, record))

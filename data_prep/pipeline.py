@@ -1,0 +1,454 @@
+"""The Beam build pipeline: read -> validate -> caption -> split -> dedupe -> write.
+
+Graph (every PCollection carries only bytes / str / int / tuples of them; no pickled data)::
+
+  Create[(source spec, unit)] -> Reshuffle
+    -> ParDo(ReadEncodeFn)        one DoFn reads a unit, validates, captions, assigns the
+       |                          spatial block/split and serialises the record; it emits
+       |   main: (shard, (tile_id, source, split, detail, record, counters_json, captions_json))
+       |   'rejected': Rejection JSON      'units': per-unit read count JSON
+    -> GroupByKey(shard)          shard = sha256(tile_id) mod num_shards, so every copy of a
+       |                          tile id meets in one group, whatever the number of workers
+    -> ParDo(WriteShardsFn)       dedupe (lowest source string wins; the rest are
+       |                          'duplicate_tile_id'), drop 'spatial_buffer' tiles, sort by
+       |                          tile_id, write one ArrayRecord part per (split, shard)
+       |   main: shard info JSON   'rejected'   'train_records' -> stats CombineFn
+       |   'train_captions' -> tokenizer corpus   'counters' -> summed validate counters
+  everything small -> text files under <tmp>/_parts; `run_build` (the driver) then renames
+  the parts to TFDS shard names, writes dataset_info, statistics, dead letters, tokenizer and
+  manifest, checks read == written + rejected, and commits the directory.
+
+Determinism: shard assignment hashes the tile id, records are sorted inside a shard, empty
+(split, shard) parts are skipped and the remaining ones are numbered in shard order, so the
+same inputs give byte-identical record files and splits for any runner or worker count.
+
+Tiles with an unknown location (validate keeps them when the source says so) cannot be
+placed on the block grid: each source unit becomes one pseudo-block ``unlocated:<hash>``
+(tiles of one unit, e.g. one scene, are the likely neighbours), split by the same seeded hash.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from typing import Any, Iterable, Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from data_prep import caption_stage as caption_stage_lib
+from data_prep import splits
+from data_prep import stats
+from data_prep import tokenizer
+from data_prep import validate
+from data_prep import writer
+from data_prep.sources import registry
+from data_prep.sources.base import RawSample, Rejection
+from geomeld_jax import records
+
+PIPELINE_VERSION = "1.0.0"
+MAX_AUTO_SHARDS = 1024
+DUPLICATE = "duplicate_tile_id"
+PARTS = "_parts"
+
+# Field positions of the value the read stage emits per sample.
+_TILE, _SOURCE, _SPLIT, _DETAIL, _RECORD, _COUNTERS, _CAPTIONS = range(7)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+  """Everything that decides a build's output (recorded in the manifest)."""
+
+  sources: tuple[str, ...]
+  output_dir: str
+  name: str = "geomeld"
+  version: str = records.RECORD_VERSION
+  overwrite: bool = False
+  num_shards: int = 0  # 0: one per source unit, at most MAX_AUTO_SHARDS
+  split: splits.SplitConfig = splits.SplitConfig()
+  vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE
+  captioner: str = "passthrough"
+  log_every: int = 1000
+
+  @property
+  def dataset_dir(self) -> str:
+    return writer.join(self.output_dir, self.name, self.version)
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["sources"] = list(self.sources)
+    d["split"]["fractions"] = list(self.split.fractions)
+    return d
+
+
+@dataclasses.dataclass
+class BuildResult:
+  dataset_dir: str
+  manifest: dict[str, Any]
+
+  def summary(self) -> str:
+    m = self.manifest
+    lines = [f"dataset: {self.dataset_dir}",
+             f"read {m['read']} = written {m['written']} + rejected {m['rejected']}"]
+    for split, info in m["splits"].items():
+      lines.append(f"  {split:5s}: {info['records']:7d} records in {info['shards']} shards, "
+                   f"{info['bytes'] / 1e6:.1f} MB")
+    for reason, n in m["rejections"].items():
+      lines.append(f"  rejected {reason}: {n}")
+    lines.append(f"tokenizer: {m['tokenizer']}")
+    lines.append(f"throughput: {m['samples_per_s']:.1f} samples/s over {m['build_seconds']:.1f} s "
+                 f"(whole build, including start-up)")
+    return "\n".join(lines)
+
+
+def shard_of(tile_id: str, num_shards: int) -> int:
+  """Stable across processes and machines (unlike Python's hash)."""
+  return int.from_bytes(hashlib.sha256(tile_id.encode("utf-8")).digest()[:8], "big") % num_shards
+
+
+def plan_units(source_specs: Sequence[str]) -> list[tuple[str, str]]:
+  """Every (spec, unit) of the build; a missing path or an empty glob raises here, first."""
+  if not source_specs:
+    raise ValueError("no --source given: name at least one, e.g. --source=geomeld:/data/*.tar")
+  plan = []
+  for spec in source_specs:
+    units = registry.make_source(spec).units()
+    if not units:
+      raise FileNotFoundError(f"source {spec!r} has no input units")
+    plan.extend((spec, unit) for unit in units)
+  duplicates = [u for u, n in collections.Counter(plan).items() if n > 1]
+  if duplicates:
+    raise ValueError(f"the same input unit is listed twice: {duplicates[:3]}")
+  return plan
+
+
+class ReadEncodeFn(beam.DoFn):
+  """(spec, unit) -> keyed serialized records, plus rejections and per-unit read counts."""
+
+  def __init__(self, split_config: splits.SplitConfig, captioner: str, num_shards: int,
+               log_every: int):
+    self._split_config = split_config
+    self._captioner = captioner
+    self._num_shards = num_shards
+    self._log_every = log_every
+
+  def setup(self):
+    self._sources: dict[str, Any] = {}
+    self._stage = caption_stage_lib.make_caption_stage(self._captioner)
+    self._serialize = writer.RecordSerializer()
+    self._seen = 0
+    self._start = time.perf_counter()
+
+  def _source(self, spec: str):
+    if spec not in self._sources:
+      self._sources[spec] = registry.make_source(spec)
+    return self._sources[spec]
+
+  def process(self, element: tuple[str, str]) -> Iterator[Any]:
+    spec, unit = element
+    read = 0
+    for item in self._source(spec).read(unit):
+      read += 1
+      self._tick()
+      out = self._encode(item, spec, unit)
+      if isinstance(out, Rejection):
+        yield beam.pvalue.TaggedOutput("rejected", out.to_json())
+      else:
+        yield out
+    yield beam.pvalue.TaggedOutput("units", json.dumps({"source": spec, "unit": unit,
+                                                        "read": read}, sort_keys=True))
+
+  def _tick(self) -> None:
+    self._seen += 1
+    if self._log_every and self._seen % self._log_every == 0:
+      rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
+      logging.info("read+encode: %d samples on this worker, %.1f samples/s", self._seen, rate)
+
+  def _encode(self, item, spec: str, unit: str) -> Rejection | tuple[int, tuple]:
+    if isinstance(item, Rejection):
+      return item
+    if not isinstance(item, RawSample):
+      raise TypeError(f"source {spec!r} unit {unit!r} yielded {type(item).__name__}, "
+                      "expected RawSample or Rejection")
+    result = validate.to_example(item)
+    if isinstance(result, Rejection):
+      return result
+    example, counters = result
+    example = self._stage.process(example)
+    if isinstance(example, Rejection):
+      return example
+    tile_id, source = example["tile_id"], example["source"]
+    lat, lon = float(example["lat"]), float(example["lon"])
+    if math.isfinite(lat) and math.isfinite(lon):
+      assignment = splits.assign(lat, lon, self._split_config)
+    else:
+      bid = "unlocated:" + hashlib.sha256(f"{spec}|{unit}".encode()).hexdigest()[:16]
+      assignment = splits.Assignment(bid, splits.split_of_block(bid, self._split_config))
+    example["block_id"] = assignment.block_id
+    if assignment.split == splits.BUFFER:
+      record = b""  # never written: the tile only becomes a dead letter
+    else:
+      records.check_example(example)
+      record = self._serialize(example)
+    value = (tile_id, source, assignment.split, assignment.detail, record,
+             json.dumps(counters, sort_keys=True),
+             json.dumps(list(example["captions"]), ensure_ascii=False))
+    return shard_of(tile_id, self._num_shards), value
+
+
+class WriteShardsFn(beam.DoFn):
+  """One shard group -> deduped, sorted ArrayRecord parts per split (+ side outputs)."""
+
+  def __init__(self, parts_dir: str):
+    self._parts_dir = parts_dir
+
+  def process(self, element: tuple[int, Iterable[tuple]]) -> Iterator[Any]:
+    shard, values = element
+    by_tile: dict[str, list[tuple]] = collections.defaultdict(list)
+    for v in values:
+      by_tile[v[_TILE]].append(tuple(v))
+    per_split: dict[str, list[tuple]] = collections.defaultdict(list)
+    for tile_id in sorted(by_tile):
+      # Lowest source string wins; record bytes break a tie so the choice never depends on
+      # the order the shuffle delivered the copies in.
+      copies = sorted(by_tile[tile_id], key=lambda v: (v[_SOURCE], v[_RECORD]))
+      winner = copies[0]
+      for dup in copies[1:]:
+        yield beam.pvalue.TaggedOutput("rejected", Rejection(
+            source=dup[_SOURCE], tile_id=tile_id, reason=DUPLICATE,
+            detail=f"tile_id already read from {winner[_SOURCE]} (lowest source wins)").to_json())
+      if winner[_SPLIT] == splits.BUFFER:
+        yield beam.pvalue.TaggedOutput("rejected", Rejection(
+            source=winner[_SOURCE], tile_id=tile_id, reason=splits.BUFFER,
+            detail=winner[_DETAIL]).to_json())
+        continue
+      per_split[winner[_SPLIT]].append(winner)
+    for split in sorted(per_split):
+      chosen = per_split[split]  # already in tile_id order
+      path = writer.join(self._parts_dir, f"{split}-{shard:05d}.{writer.FILE_SUFFIX}")
+      num_bytes = writer.write_records(path, [v[_RECORD] for v in chosen])
+      yield json.dumps({"split": split, "shard": shard, "records": len(chosen),
+                        "bytes": num_bytes, "path": path}, sort_keys=True)
+      for v in chosen:
+        yield beam.pvalue.TaggedOutput("counters", v[_COUNTERS])
+        if split == "train":
+          yield beam.pvalue.TaggedOutput("train_records", v[_RECORD])
+          for caption in json.loads(v[_CAPTIONS]):
+            yield beam.pvalue.TaggedOutput("train_captions", json.dumps(caption,
+                                                                        ensure_ascii=False))
+
+
+class JsonDictCoder(beam.coders.Coder):
+  """dict[str, int] accumulators as JSON bytes (no pickle)."""
+
+  def encode(self, value: dict[str, int]) -> bytes:
+    return json.dumps(value, sort_keys=True).encode("utf-8")
+
+  def decode(self, encoded: bytes) -> dict[str, int]:
+    return json.loads(encoded.decode("utf-8"))
+
+  def is_deterministic(self) -> bool:
+    return True
+
+
+class SumCountersFn(beam.CombineFn):
+  """JSON dicts of ints -> one JSON dict of their sums."""
+
+  def create_accumulator(self) -> dict[str, int]:
+    return {}
+
+  def add_input(self, acc: dict[str, int], counters_json: str) -> dict[str, int]:
+    for k, v in json.loads(counters_json).items():
+      acc[k] = acc.get(k, 0) + int(v)
+    return acc
+
+  def merge_accumulators(self, accumulators: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for acc in accumulators:
+      for k, v in acc.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+  def extract_output(self, acc: dict[str, int]) -> str:
+    return json.dumps(dict(sorted(acc.items())))
+
+  def get_accumulator_coder(self) -> beam.coders.Coder:
+    return JsonDictCoder()
+
+
+def build_graph(p: beam.Pipeline, plan: Sequence[tuple[str, str]], parts_dir: str,
+                config: BuildConfig, num_shards: int) -> None:
+  """Adds the build's transforms to `p`; outputs land as files under `parts_dir`."""
+
+  def text(pcoll, name: str, single: bool):
+    prefix = writer.join(parts_dir, name)
+    if single:  # one small element: a single, predictably named file
+      return pcoll | f"Write{name}" >> beam.io.WriteToText(prefix, num_shards=1,
+                                                           shard_name_template="")
+    return pcoll | f"Write{name}" >> beam.io.WriteToText(prefix, file_name_suffix=".txt")
+
+  value_type = beam.typehints.Tuple[int, beam.typehints.Tuple[str, str, str, str, bytes, str, str]]
+  read = (
+      p
+      | "Units" >> beam.Create([tuple(u) for u in plan])
+      | "SpreadUnits" >> beam.Reshuffle()
+      | "ReadEncode" >> beam.ParDo(ReadEncodeFn(config.split, config.captioner, num_shards,
+                                                config.log_every))
+      .with_output_types(value_type).with_outputs("rejected", "units", main="samples"))
+  written = (
+      read.samples
+      | "ByShard" >> beam.GroupByKey()
+      | "WriteShards" >> beam.ParDo(WriteShardsFn(parts_dir)).with_outputs(
+          "rejected", "counters", "train_records", "train_captions", main="shards"))
+  text(written.shards, "shards", single=False)
+  text(read.units, "units", single=False)
+  rejected = (read.rejected, written.rejected) | "AllRejections" >> beam.Flatten()
+  text(rejected, "rejections", single=False)
+  text(written.train_captions, "train_captions", single=False)
+  counters = written.counters | "SumCounters" >> beam.CombineGlobally(SumCountersFn())
+  text(counters, "counters", single=True)
+  train_stats = written.train_records | "TrainStats" >> beam.CombineGlobally(
+      stats.TrainStatsCombineFn())
+  text(train_stats, "statistics", single=True)
+
+
+def _sorted_rejections(lines: Iterable[str]) -> list[str]:
+  def key(line: str):
+    r = json.loads(line)
+    return (r["source"], r["tile_id"], r["reason"], r["detail"])
+  return sorted(lines, key=key)
+
+
+def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult:
+  """Runs the whole build; raises (leaving no complete-looking dataset) on any failure."""
+  start = time.perf_counter()
+  final_dir = config.dataset_dir
+  # Cheap checks first: a bad path or an existing dataset fails before any work.
+  if writer.exists(final_dir) and not config.overwrite:
+    raise FileExistsError(f"dataset directory {final_dir} already exists; pass --overwrite "
+                          "to replace it")
+  plan = plan_units(config.sources)
+  caption_stage_lib.make_caption_stage(config.captioner)  # unknown names fail now
+  num_shards = config.num_shards or min(MAX_AUTO_SHARDS, max(1, len(plan)))
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1 (or 0 for auto), got {config.num_shards}")
+
+  build_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+  tmp_dir = writer.temporary_dir_for(final_dir, build_id)
+  parts_dir = writer.join(tmp_dir, PARTS)
+  if writer.is_local(tmp_dir):
+    os.makedirs(parts_dir)
+  logging.info("building %s from %d units into %s (%d shards)", final_dir, len(plan), tmp_dir,
+               num_shards)
+  try:
+    options = PipelineOptions(list(beam_args))
+    with beam.Pipeline(options=options) as p:
+      build_graph(p, plan, parts_dir, config, num_shards)
+    pipeline_s = time.perf_counter() - start
+    manifest = _finalize(config, plan, tmp_dir, parts_dir, beam_args, start, pipeline_s)
+    writer.commit(tmp_dir, final_dir, config.overwrite)
+  except BaseException:
+    writer.delete(tmp_dir if writer.is_local(tmp_dir) else tmp_dir.rstrip("/") + "/")
+    raise
+  return BuildResult(final_dir, manifest)
+
+
+def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str,
+              parts_dir: str, beam_args: Sequence[str], start: float,
+              pipeline_s: float) -> dict[str, Any]:
+  """Driver side: TFDS names, metadata, stats, dead letters, tokenizer, manifest."""
+  # Records: number the non-empty parts of each split in shard order.
+  parts: dict[str, list[dict]] = collections.defaultdict(list)
+  for line in writer.read_lines(writer.join(parts_dir, "shards*")):
+    info = json.loads(line)
+    parts[info["split"]].append(info)
+  shard_lengths: dict[str, list[tuple[int, int]]] = {}
+  split_summary: dict[str, dict[str, int]] = {}
+  for split in splits.SPLITS:
+    infos = sorted(parts.get(split, []), key=lambda i: i["shard"])
+    for i, info in enumerate(infos):
+      target = writer.join(tmp_dir, writer.shard_filename(config.name, split, i, len(infos)))
+      writer.FileSystems.rename([info["path"]], [target])
+    shard_lengths[split] = [(i["records"], i["bytes"]) for i in infos]
+    split_summary[split] = {"records": sum(i["records"] for i in infos), "shards": len(infos),
+                            "bytes": sum(i["bytes"] for i in infos)}
+  written = sum(s["records"] for s in split_summary.values())
+
+  rejections = _sorted_rejections(writer.read_lines(writer.join(parts_dir, "rejections*")))
+  writer.write_bytes(writer.join(tmp_dir, "dead_letters.jsonl"),
+                     "".join(line + "\n" for line in rejections).encode("utf-8"))
+  by_reason = collections.Counter(json.loads(line)["reason"] for line in rejections)
+
+  units = [json.loads(line) for line in writer.read_lines(writer.join(parts_dir, "units*"))]
+  read = sum(u["read"] for u in units)
+  read_by_unit = {(u["source"], u["unit"]): u["read"] for u in units}
+  if len(read_by_unit) != len(plan):
+    raise RuntimeError(f"{len(plan)} units planned but {len(read_by_unit)} reported a read count")
+  if read != written + len(rejections):
+    raise RuntimeError(f"counts do not reconcile: read {read} != written {written} + rejected "
+                       f"{len(rejections)} ({dict(by_reason)}); the dataset was not committed")
+
+  counters_lines = writer.read_lines(writer.join(parts_dir, "counters"))
+  counters = json.loads(counters_lines[0]) if counters_lines else {}
+  statistics = json.loads(writer.read_lines(writer.join(parts_dir, "statistics"))[0])
+  writer.write_bytes(writer.join(tmp_dir, "statistics.json"),
+                     (json.dumps(statistics, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+  captions = sorted(json.loads(line) for line in
+                    writer.read_lines(writer.join(parts_dir, "train_captions*")))
+  if captions:
+    model = tokenizer.train_tokenizer_bytes(captions, config.vocab_size)
+    writer.write_bytes(writer.join(tmp_dir, tokenizer.MODEL_FILENAME), model)
+    tokenizer_status = (f"{tokenizer.MODEL_FILENAME} ({len(tokenizer.load(model))} pieces from "
+                        f"{len(captions)} train captions)")
+  else:
+    tokenizer_status = "skipped (no captions)"
+
+  writer.delete(parts_dir)
+  writer.write_dataset_info(
+      tmp_dir, config.name, config.version,
+      description=("GeoMeld multi-modal remote-sensing tiles (128x128 at 10 m): Sentinel-2, "
+                   "Sentinel-1, ASTER DEM, canopy height, ESA WorldCover, Dynamic World, "
+                   "location/date metadata and captions. Built by data_prep."),
+      shards={s: v for s, v in shard_lengths.items() if v})
+
+  elapsed = time.perf_counter() - start
+  sources: dict[str, dict[str, Any]] = {}
+  for spec, unit in plan:
+    src = registry.make_source(spec)
+    sources.setdefault(spec, {"units": {}})["units"][unit] = {
+        "fingerprint": src.fingerprint(unit), "read": read_by_unit[(spec, unit)]}
+  manifest = {
+      "name": config.name,
+      "version": config.version,
+      "record_version": records.RECORD_VERSION,
+      "pipeline_version": PIPELINE_VERSION,
+      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "build_seconds": round(elapsed, 3),
+      "pipeline_seconds": round(pipeline_s, 3),
+      "samples_per_s": read / elapsed if elapsed > 0 else 0.0,
+      "flags": {**config.to_json(), "beam_args": list(beam_args)},
+      "num_shards_requested": config.num_shards,
+      "read": read,
+      "written": written,
+      "rejected": len(rejections),
+      "reconciled": True,  # asserted above: read == written + rejected
+      "splits": split_summary,
+      "rejections": dict(sorted(by_reason.items())),
+      "counters": counters,
+      "sources": sources,
+      "statistics": "statistics.json (train split)",
+      "dead_letters": "dead_letters.jsonl",
+      "tokenizer": tokenizer_status,
+  }
+  writer.write_bytes(writer.join(tmp_dir, "manifest.json"),
+                     (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+  return manifest

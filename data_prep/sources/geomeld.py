@@ -1,0 +1,194 @@
+"""The GeoMeld release: webdataset-style `.tar` shards of one `.h5` file per sample.
+
+Layout of a member (see ARCHITECTURE.md): datasets ``sentinel2`` (12,128,128) float32 —
+(9,128,128) in the NAIP subset (``*_n.tar``, B2-B4 absent) —, ``sentinel1`` (8,...),
+``aster`` (2,...), ``canopy_height`` (2,...), ``esa_worldcover`` / ``dynamic_world``
+(1,...) uint8, ``metadata`` (a JSON string), optionally ``naip`` (3,1280,1280) uint16 and a
+caption (``caption`` or ``captions``: one string or an array of strings).
+
+Shards are streamed with `tarfile` and each member is opened from memory with h5py; nothing
+is extracted to disk. Every member becomes exactly one RawSample or one Rejection:
+
+* ``truncated_tar``     the shard ends inside a member (or lacks its end-of-archive blocks):
+                        the members before it are yielded, then this one Rejection.
+* ``corrupt_h5``        a member is not a readable HDF5 file.
+* ``bad_metadata``      the ``metadata`` dataset is missing or not a JSON object.
+* ``missing_sentinel2`` the member has no ``sentinel2`` dataset.
+* ``wrong_shape``       ``naip`` is present with a shape other than (3,1280,1280).
+* ``unexpected_member`` a tar member that is not an ``.h5`` file.
+
+NAIP is not carried into records (see modalities.NAIP_RELEASE_KEY): it is shape-checked here,
+dropped, and flagged with ``metadata['naip_present'] = True`` so validation counts it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tarfile
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from data_prep.sources.base import RawSample, Rejection, SourceItem
+from geomeld_jax import modalities as mod
+
+_FINGERPRINT_BYTES = 64 * 1024
+_TAR_BLOCK = 512
+
+
+def fingerprint_file(path: str) -> str:
+  """`size:mtime_ns:sha1(first 64 KiB)` of a file: cheap, and changes when the file does."""
+  st = os.stat(path)
+  with open(path, "rb") as f:
+    head = f.read(_FINGERPRINT_BYTES)
+  return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha1(head).hexdigest()}"
+
+
+def expand_pattern(pattern: str, suffixes: tuple[str, ...] = (".tar",)) -> list[str]:
+  """A file, a directory (its files with one of `suffixes`) or a glob -> sorted paths."""
+  p = pathlib.Path(pattern)
+  if p.is_dir():
+    matches = [str(x) for x in p.iterdir() if x.is_file() and str(x).endswith(suffixes)]
+  elif p.is_file():
+    matches = [str(p)]
+  else:
+    matches = [m for m in glob.glob(pattern) if os.path.isfile(m)]
+  if not matches:
+    raise FileNotFoundError(f"no input matches {pattern!r} (missing path or empty glob)")
+  return sorted(matches)
+
+
+class GeoMeldReleaseSource:
+  """Reads GeoMeld release shards; one unit per `.tar` shard."""
+
+  name = "geomeld"
+
+  def __init__(self, pattern: str, scheme: str = "geomeld"):
+    self.pattern = pattern
+    self.scheme = scheme  # provenance prefix ('synthetic' for generated release shards)
+    self.name = scheme
+
+  def units(self) -> list[str]:
+    return expand_pattern(self.pattern, (".tar", ".tar.gz", ".tgz"))
+
+  def fingerprint(self, unit: str) -> str:
+    return fingerprint_file(unit)
+
+  def read(self, unit: str) -> Iterator[SourceItem]:
+    provenance = f"{self.scheme}:{unit}"
+    current = ""
+    try:
+      with tarfile.open(unit, mode="r|*") as tar:
+        for member in tar:
+          if not member.isfile():
+            continue
+          current = member.name
+          data = tar.extractfile(member).read()
+          if len(data) != member.size:
+            raise tarfile.ReadError(f"member {member.name} is short")
+          yield self._member(f"{provenance}:{member.name}", member.name, data)
+          current = ""
+    except (tarfile.ReadError, EOFError, OSError) as e:
+      yield Rejection(source=f"{provenance}:{current}", tile_id="", reason="truncated_tar",
+                      detail=f"shard ends inside member {current or '?'}: {e}")
+      return
+    if _lacks_end_of_archive(unit):
+      yield Rejection(source=provenance, tile_id="", reason="truncated_tar",
+                      detail="shard has no end-of-archive blocks (cut at a member boundary)")
+
+  def _member(self, source: str, member_name: str, data: bytes) -> SourceItem:
+    stem = pathlib.PurePosixPath(member_name).name.split(".")[0]
+    if not member_name.endswith(".h5"):
+      return Rejection(source, "", "unexpected_member", f"{member_name} is not an .h5 member")
+    try:
+      h5 = h5py.File(io.BytesIO(data), "r")
+    except OSError as e:
+      return Rejection(source, "", "corrupt_h5", f"{member_name}: {e}")
+    try:
+      with h5:
+        return _sample_from_h5(h5, source, stem)
+    except (OSError, KeyError, ValueError) as e:  # a damaged dataset inside a valid header
+      return Rejection(source, "", "corrupt_h5", f"{member_name}: {type(e).__name__}: {e}")
+
+
+def _lacks_end_of_archive(path: str) -> bool:
+  """True when an uncompressed tar does not end with the two zero blocks tar writes last.
+
+  tarfile stops silently at a clean cut between members; this catches that case.
+  """
+  if path.endswith((".gz", ".tgz")):
+    return False  # gzip's own end-of-stream check reports truncation as an error
+  size = os.path.getsize(path)
+  if size % _TAR_BLOCK:
+    return True
+  with open(path, "rb") as f:
+    f.seek(max(0, size - 2 * _TAR_BLOCK))
+    return any(f.read())
+
+
+def _text(v: Any) -> str:
+  if isinstance(v, bytes):
+    return v.decode("utf-8")
+  if isinstance(v, np.ndarray) and v.shape == ():
+    return _text(v.item())
+  return str(v)
+
+
+def _read_metadata(h5: h5py.File) -> dict | None:
+  if "metadata" in h5:
+    raw = h5["metadata"][()]
+  elif "metadata" in h5.attrs:
+    raw = h5.attrs["metadata"]
+  else:
+    return None
+  try:
+    meta = json.loads(_text(raw))
+  except (ValueError, UnicodeDecodeError):
+    return None
+  return meta if isinstance(meta, dict) else None
+
+
+def _read_captions(h5: h5py.File) -> list[str]:
+  for key in ("caption", "captions"):
+    if key in h5:
+      v = h5[key][()]
+      items = v.ravel().tolist() if isinstance(v, np.ndarray) else [v]
+      return [_text(x) for x in items]
+  return []
+
+
+def _sample_from_h5(h5: h5py.File, source: str, stem: str) -> SourceItem:
+  meta = _read_metadata(h5)
+  tile_id = ""
+  if meta is not None and isinstance(meta.get("tile_id"), str) and meta["tile_id"].strip():
+    tile_id = meta["tile_id"].strip()
+  if meta is None:
+    return Rejection(source, stem, "bad_metadata", "metadata missing or not a JSON object")
+  if not tile_id:
+    tile_id = stem
+    meta["tile_id_from"] = "member_name"  # recorded: the id did not come from the metadata
+  if mod.SENTINEL2.release_key not in h5:
+    return Rejection(source, tile_id, "missing_sentinel2", "member has no sentinel2 dataset")
+
+  arrays: dict[str, np.ndarray] = {}
+  band_names: dict[str, tuple[str, ...]] = {}
+  for m in mod.PIXEL_MODALITIES.values():
+    if m.release_key in h5:
+      arrays[m.release_key] = np.asarray(h5[m.release_key][()])
+  s2 = arrays[mod.SENTINEL2.release_key]
+  subset = tuple(b for b in mod.SENTINEL2.bands if b not in mod.NAIP_SUBSET_MISSING_S2_BANDS)
+  if s2.ndim == 3 and s2.shape[0] == len(subset):
+    band_names[mod.SENTINEL2.release_key] = subset  # the NAIP subset's 9-band Sentinel-2
+  if mod.NAIP_RELEASE_KEY in h5:
+    shape = tuple(h5[mod.NAIP_RELEASE_KEY].shape)
+    if shape != mod.NAIP_SHAPE:
+      return Rejection(source, tile_id, "wrong_shape", f"naip must be {mod.NAIP_SHAPE}, got {shape}")
+    meta["naip_present"] = True
+  return RawSample(tile_id=tile_id, source=source, arrays=arrays, metadata=meta,
+                   captions=_read_captions(h5), band_names=band_names)

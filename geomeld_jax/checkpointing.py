@@ -1,0 +1,217 @@
+"""A thin Orbax CheckpointManager wrapper: the train state plus (optionally) the Grain iterator.
+
+Layout under a workdir:
+  <workdir>/config.json            the run's config (`save_config`), checked on resume
+  <workdir>/checkpoints/<step>/    one Orbax step: item 'state' (+ item 'data_iter')
+
+Atomicity comes from Orbax: a step is written into `<step>.orbax-checkpoint-tmp*` and renamed
+(local disk) or marked with a commit file (GCS) only once every item is complete, and
+`latest_step()` ignores unfinished ones. A process killed mid-save therefore leaves nothing
+that `restore_latest` would pick up (tests/test_checkpointing.py kills one with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+PyTree = Any
+# A grain.DatasetIterator (or DataLoaderIterator). grain is imported only when an iterator is
+# checkpointed, so the wrapper also works where grain is not installed (the GPU benchmark image).
+DataIterator = Any
+
+CHECKPOINT_SUBDIR = "checkpoints"
+CONFIG_FILENAME = "config.json"
+STATE_ITEM = "state"
+DATA_ITER_ITEM = "data_iter"
+
+
+def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_SUBDIR
+
+
+class Checkpointer:
+  """Saves every `save_interval_steps` steps and on preemption; keeps the last `max_to_keep`.
+
+  Call `maybe_save(step, state, data_iter)` every step (it decides), `restore_latest` once at
+  start-up, and `wait_until_finished()` (or `close()`) before the process exits so the last
+  async save is committed.
+  """
+
+  def __init__(self, workdir: str | epath.PathLike, *, save_interval_steps: int, max_to_keep: int,
+               async_save: bool = True):
+    if save_interval_steps <= 0:
+      raise ValueError(f"save_interval_steps must be positive, got {save_interval_steps}")
+    if max_to_keep <= 0:
+      raise ValueError(f"max_to_keep must be positive, got {max_to_keep}")
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=checkpoint_managers.AnySavePolicy([
+            checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+            checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ]),
+        preservation_policy=checkpoint_managers.LatestN(max_to_keep),
+        enable_async_checkpointing=async_save,
+        # Leftovers of a save killed half-way are deleted on start-up instead of piling up.
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_ITER_ITEM),
+                                          options=options)
+
+  def should_save(self, step: int) -> bool:
+    """Whether `maybe_save(step, ...)` would write (interval reached or preemption signalled)."""
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once every host has seen the preemption notice: save now, then exit."""
+    return self._manager.reached_preemption(step)
+
+  def maybe_save(self, step: int, state: PyTree, data_iter: DataIterator | None = None, *,
+                 force: bool = False) -> bool:
+    """Starts an (async) save when the policy says so or `force`; returns whether it did.
+
+    `data_iter` must be the iterator *after* the batch of `step` was drawn, so that a restore
+    continues with the next unseen batch.
+    """
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("checkpoint save of step %d started in %s", step, self.directory)
+    return saved
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> Sequence[int]:
+    return self._manager.all_steps()
+
+  def restore_latest(self, abstract_state: PyTree,
+                     data_iter: DataIterator | None = None) -> tuple[PyTree, int] | None:
+    """Restores the newest complete checkpoint into `abstract_state`'s shardings, or None.
+
+    Args:
+      abstract_state: the state's structure as `jax.ShapeDtypeStruct`s that carry the target
+        `sharding` (see sharding.with_shardings); arrays load straight into that layout.
+      data_iter: restored in place (its position is set) when given.
+
+    Returns:
+      (state, step), or None when the directory holds no complete checkpoint.
+    """
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    unsharded = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+                 if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None]
+    if unsharded:
+      raise ValueError(f"abstract_state leaves need a target sharding, these have none: {unsharded[:5]}")
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      if not (self.directory / str(step) / DATA_ITER_ITEM).exists():
+        raise ValueError(f"checkpoint step {step} in {self.directory} holds no data iterator state, "
+                         "so the input position cannot be restored; resume without an iterator "
+                         "or from a run that saved one")
+      import grain  # pylint: disable=g-import-not-at-top
+      items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("restored checkpoint step %d from %s", step, self.directory)
+    return restored[STATE_ITEM], step
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the last async save is committed (call before exiting)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The saved config and the resume compatibility check
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_dict(config_json: str | Mapping[str, Any]) -> dict[str, Any]:
+  if hasattr(config_json, "to_json"):  # an ml_collections ConfigDict
+    config_json = config_json.to_json()
+  if isinstance(config_json, str):
+    parsed = json.loads(config_json)
+  else:
+    parsed = json.loads(json.dumps(config_json))  # normalises tuples to lists like a reload would
+  if not isinstance(parsed, dict):
+    raise ValueError(f"config JSON must be an object, got {type(parsed).__name__}")
+  return parsed
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def save_config(workdir: str | epath.PathLike, config_json: str | Mapping[str, Any]) -> epath.Path:
+  """Writes the run's config as `<workdir>/config.json` (host 0 only; atomic rename)."""
+  path = epath.Path(workdir) / CONFIG_FILENAME
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (CONFIG_FILENAME + ".tmp")
+    tmp.write_text(json.dumps(_config_dict(config_json), indent=2, sort_keys=True))
+    tmp.rename(path)
+  return path
+
+
+def _has_checkpoint(workdir: str | epath.PathLike) -> bool:
+  directory = checkpoint_dir(workdir)
+  return directory.exists() and any(entry.name.isdigit() for entry in directory.iterdir())
+
+
+def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[str, Any],
+                     keys_that_matter: Sequence[str]) -> None:
+  """Refuses to resume from a workdir whose checkpoint came from an incompatible config.
+
+  Args:
+    workdir: the run directory.
+    config_json: the new run's config.
+    keys_that_matter: dotted keys; a key covers everything under it ('model' covers
+      'model.width'). Only these are compared; schedule lengths etc. may change on resume.
+
+  Raises:
+    ValueError: naming each differing key with its saved and new value, or when the workdir
+      holds checkpoints but no saved config to compare against.
+  """
+  if not _has_checkpoint(workdir):
+    return
+  path = epath.Path(workdir) / CONFIG_FILENAME
+  if not path.exists():
+    raise ValueError(f"{workdir} holds checkpoints but no {CONFIG_FILENAME}, so their config cannot be "
+                     "checked; use a fresh workdir")
+  old = _flatten(_config_dict(path.read_text()))
+  new = _flatten(_config_dict(config_json))
+
+  def matters(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in keys_that_matter)
+
+  missing = object()
+  diffs = []
+  for key in sorted(k for k in set(old) | set(new) if matters(k)):
+    before, after = old.get(key, missing), new.get(key, missing)
+    if before != after:
+      diffs.append(f"{key}: checkpoint has {'<absent>' if before is missing else repr(before)}, "
+                   f"config has {'<absent>' if after is missing else repr(after)}")
+  if diffs:
+    raise ValueError(f"the checkpoint in {workdir} was written by an incompatible config; differing keys:\n  "
+                     + "\n  ".join(diffs))

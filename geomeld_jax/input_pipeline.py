@@ -1,0 +1,172 @@
+"""Grain input pipeline over a built GeoMeld dataset (TFDS ArrayRecord, see data_prep).
+
+Per record: decode + normalise with the build's statistics (geomeld_jax.records), the same
+random crop / flips / 90-degree rotations applied to every pixel modality, one caption drawn
+and tokenised with the build's SentencePiece model. Per host: a disjoint slice of a globally
+shuffled, repeated index space, batched to the host's share of the global batch. The
+iterator is a grain DatasetIterator, so its position is saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from geomeld_jax import modalities as mod
+from geomeld_jax import records
+
+# SentencePiece ids fixed by data_prep.tokenizer (T5 style).
+PAD_ID, EOS_ID = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFiles:
+  """Where the parts of a built dataset live (one versioned TFDS directory)."""
+
+  root: pathlib.Path
+
+  @property
+  def statistics(self) -> pathlib.Path:
+    return self.root / "statistics.json"
+
+  @property
+  def tokenizer(self) -> pathlib.Path:
+    return self.root / "tokenizer.model"
+
+  @property
+  def manifest(self) -> pathlib.Path:
+    return self.root / "manifest.json"
+
+
+def locate_dataset(path: str | pathlib.Path, build_hint: str = "") -> DatasetFiles:
+  """Finds the versioned dataset directory under `path` (the dir itself or `<name>/<version>`).
+
+  Raises:
+    FileNotFoundError: with the command that builds the dataset when nothing is there.
+  """
+  p = pathlib.Path(path)
+  candidates = [p] + sorted(p.glob("*/*")) + sorted(p.glob("*"))
+  for c in candidates:
+    if (c / "dataset_info.json").is_file() and (c / "statistics.json").is_file():
+      return DatasetFiles(c)
+  hint = build_hint or "python -m data_prep.build --source=geomeld:'<shards>/*.tar' --output_dir=" + str(p)
+  raise FileNotFoundError(f"no built GeoMeld dataset under {p} (looked for dataset_info.json and "
+                          f"statistics.json). Build one with:\n  {hint}")
+
+
+class Tokenizer:
+  """SentencePiece ids with sticky EOS, padded to a fixed length."""
+
+  def __init__(self, model_path: pathlib.Path, max_len: int):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+    self._sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
+      raise ValueError(f"{model_path}: pad/eos ids are {self._sp.pad_id()}/{self._sp.eos_id()}, "
+                       f"expected {PAD_ID}/{EOS_ID} (data_prep.tokenizer)")
+    self.max_len = max_len
+    self.vocab_size = self._sp.get_piece_size()
+
+  def __call__(self, text: str) -> np.ndarray:
+    ids = self._sp.encode(text.lower())[: self.max_len - 1] + [EOS_ID]
+    out = np.full(self.max_len, PAD_ID, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+class ProcessRecord(grain.transforms.RandomMap):
+  """Record -> model-ready example: decode, augment identically across modalities, tokenise."""
+
+  def __init__(self, normalizer: records.Normalizer, tokenizer: Tokenizer | None, *,
+               crop_size: int, augment: bool, text_len: int):
+    self._normalizer = normalizer
+    self._tokenizer = tokenizer
+    self._crop = crop_size
+    self._augment = augment
+    self._text_len = text_len
+
+  def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    ex = records.decode(record, self._normalizer)
+    size = ex[mod.INPUT_MODALITY].shape[0]
+    if self._augment:
+      top, left = rng.integers(0, size - self._crop + 1, size=2)
+      flip_h, flip_v = rng.integers(0, 2, size=2)
+      k = int(rng.integers(0, 4))
+    else:  # evaluation: a centre crop, no flips
+      top = left = (size - self._crop) // 2
+      flip_h = flip_v = k = 0
+    for key, v in ex.items():
+      if v.ndim < 2 or v.shape[0] != size:  # image-level targets
+        continue
+      v = v[top:top + self._crop, left:left + self._crop]
+      if flip_h:
+        v = v[:, ::-1]
+      if flip_v:
+        v = v[::-1]
+      ex[key] = np.ascontiguousarray(np.rot90(v, k, axes=(0, 1)))
+    caps = records.captions(record)
+    if self._tokenizer is not None and caps:
+      ex["text_tokens"] = self._tokenizer(caps[int(rng.integers(len(caps)))])
+      ex["has_caption"] = np.bool_(True)
+    else:
+      ex["text_tokens"] = np.zeros(self._text_len, np.int32)
+      ex["has_caption"] = np.bool_(False)
+    return ex
+
+
+def _split_source(files: DatasetFiles, split: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder_from_directory(str(files.root))
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {files.root} has no split {split!r}; it has {list(builder.info.splits)}")
+  return builder.as_data_source(split=split)
+
+
+def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, crop_size: int,
+                 text_len: int, seed: int, train: bool, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 0,
+                 max_eval_batches: int | None = None) -> grain.IterDataset:
+  """The host-local batched dataset of one split.
+
+  Train: shuffled with `seed` (a new permutation each epoch), repeated forever, augmented.
+  Eval: in order, one pass, centre-cropped, truncated to `max_eval_batches` batches.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} hosts")
+  per_host = global_batch_size // process_count
+  normalizer = records.Normalizer.from_file(files.statistics)
+  tokenizer = Tokenizer(files.tokenizer, text_len) if files.tokenizer.is_file() else None
+  ds = grain.MapDataset.source(_split_source(files, split))
+  if len(ds) < global_batch_size:
+    raise ValueError(f"split {split!r} has {len(ds)} records, fewer than one global batch "
+                     f"({global_batch_size})")
+  if train:
+    ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds[process_index::process_count]  # disjoint per host: same permutation everywhere
+  ds = ds.random_map(ProcessRecord(normalizer, tokenizer, crop_size=crop_size, augment=train,
+                                   text_len=text_len), seed=seed + 1)
+  ds = ds.batch(per_host, drop_remainder=True)
+  if max_eval_batches is not None and not train:
+    ds = ds[:max_eval_batches]
+  it = ds.to_iter_dataset()
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+def dataset_summary(files: DatasetFiles) -> dict[str, Any]:
+  manifest = json.loads(files.manifest.read_text()) if files.manifest.is_file() else {}
+  return {"root": str(files.root), "splits": manifest.get("split_counts", manifest.get("splits")),
+          "tokenizer": files.tokenizer.is_file()}
+
+
+def batch_shapes(it: Iterator[dict[str, np.ndarray]]) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Shapes/dtypes of the first batch (for compile-time checks and AOT lowering)."""
+  b = next(iter(it))
+  return {k: (v.shape, str(v.dtype)) for k, v in b.items()}

@@ -1,0 +1,319 @@
+"""ConvNeXtV2 backbone in Flax NNX with FCMAE dense masked encoding.
+
+Layout is channels-last (NHWC) everywhere. Parameters are stored in ``param_dtype``
+(float32); compute runs in ``dtype`` (bfloat16 allowed) while LayerNorm and GRN
+statistics are always computed in float32 (GRN's sum of squares over H*W overflows
+half precision, see objectives.md section 7).
+
+Masking convention: a mask is 1 (True) where a position is MASKED (removed), 0 where it
+is visible, as in FCMAE. The model mask lives on the final grid ``(B, H/stride,
+W/stride)`` and is nearest-upsampled to every resolution. The dense emulation of the
+sparse FCMAE encoder (objectives.md section 2.2) zeroes masked sites after the stem,
+before and after every depthwise conv, computes GRN statistics over visible sites only
+and masks each block output, so no visible output depends on a masked input pixel.
+
+Two stems:
+* ``'original'``: 4x4 stride-4 conv + LN (total stride 32), weight-compatible with timm
+  and the official ConvNeXt-V2 checkpoints (see ``geomeld_jax.models.convert``).
+* ``'patch'``: the MMEarth small-tile stem: 3x3 stride-1 conv + LN + GELU at full
+  resolution, then a depthwise conv with kernel = stride = patch_size/8 + LN, so the
+  total stride is ``patch_size`` (128-px tile, patch 16 -> 8x8 final grid). MMEarth's
+  3x3 conv has no padding and its depthwise conv pads by k//2 to compensate, which
+  shifts the pixel grid by one pixel against the mask cells; here the 3x3 conv pads by
+  one ('SAME') and the depthwise conv is VALID, so every stem window lies inside one
+  mask cell.
+"""
+
+from __future__ import annotations
+
+import math
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# depths, dims per variant (ConvNeXt-V2 models/convnextv2.py; timm convnextv2_*).
+VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+STEMS = ("original", "patch")
+LN_EPS = 1e-6
+GRN_EPS = 1e-6
+ORIGINAL_STEM_STRIDE = 4
+
+# timm/FB init is trunc_normal_(std=.02) with ABSOLUTE bounds +-2, i.e. +-100 sigma: in
+# effect an untruncated N(0, 0.02^2). jax's truncated_normal takes its bounds in units of
+# the std, so bounds of +-100 reproduce timm exactly (the default +-2 sigma would shrink
+# the std to 0.0176).
+KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+BIAS_INIT = nnx.initializers.zeros_init()
+
+
+def variant_config(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(depths, dims) of a named variant; ValueError naming the known ones otherwise."""
+  try:
+    return VARIANTS[variant]
+  except KeyError:
+    raise ValueError(
+        f"unknown ConvNeXtV2 variant {variant!r}; known variants: {sorted(VARIANTS)}") from None
+
+
+def _as_bool_mask(mask: jax.Array) -> jax.Array:
+  """Bool view of a mask (non-zero = masked)."""
+  mask = jnp.asarray(mask)
+  return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _zero_masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Zeroes masked sites. `where` (not x*(1-m)) keeps NaN/Inf at masked sites from leaking."""
+  if mask is None:
+    return x
+  return jnp.where(mask, jnp.zeros((), x.dtype), x)
+
+
+def upsample_mask(mask: jax.Array, factor: int) -> jax.Array:
+  """Nearest-neighbour upsampling of a (B, h, w) or (B, h, w, 1) mask by an integer factor."""
+  if factor < 1 or int(factor) != factor:
+    raise ValueError(f"upsample factor must be a positive integer, got {factor}")
+  mask = jnp.asarray(mask)
+  if mask.ndim not in (3, 4):
+    raise ValueError(f"mask must be (B, h, w) or (B, h, w, 1), got shape {mask.shape}")
+  if factor == 1:
+    return mask
+  return jnp.repeat(jnp.repeat(mask, factor, axis=1), factor, axis=2)
+
+
+def random_patch_mask(key: jax.Array, batch: int, grid_h: int, grid_w: int,
+                      mask_ratio: float = 0.6) -> jax.Array:
+  """FCMAE random mask: bool (batch, grid_h, grid_w), True = masked.
+
+  Each sample masks exactly ``L - int(L * (1 - mask_ratio))`` of its ``L = grid_h*grid_w``
+  cells, chosen independently per sample by ranking uniform noise (FCMAE's
+  ``gen_random_mask``). ``batch``, the grid and ``mask_ratio`` must be static under jit.
+  """
+  if not 0.0 <= mask_ratio < 1.0:
+    raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+  num_cells = grid_h * grid_w
+  len_keep = int(num_cells * (1 - mask_ratio))
+  noise = jax.random.uniform(key, (batch, num_cells))
+  # rank[i] = position of cell i in the sorted noise; the len_keep lowest are kept.
+  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  return (rank >= len_keep).reshape(batch, grid_h, grid_w)
+
+
+def param_count(module: nnx.Module) -> int:
+  """Number of scalar parameters (nnx.Param) of a module; works on abstract (eval_shape) models."""
+  leaves = jax.tree.leaves(nnx.state(module, nnx.Param))
+  return int(sum(math.prod(leaf.shape) for leaf in leaves))
+
+
+class LayerNorm(nnx.LayerNorm):
+  """Channels-last LayerNorm with ConvNeXt's eps 1e-6 and two-pass float32 statistics."""
+
+  def __init__(self, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
+                     use_fast_variance=False, rngs=rngs)
+
+
+class GRN(nnx.Module):
+  """Global Response Normalization (ConvNeXt-V2), channels-last.
+
+  Gx = sqrt(sum_{h,w} x^2 + 1e-6) per sample and channel (eps inside the sqrt keeps the
+  gradient finite for an all-zero channel), Nx = Gx / (mean_c Gx + 1e-6),
+  y = gamma * (x * Nx) + beta + x. Statistics are in float32. gamma and beta start at
+  zero, so GRN starts as the identity.
+  """
+
+  def __init__(self, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    del rngs  # zero init needs no randomness; accepted for a uniform constructor.
+    self.gamma = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.beta = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x (B, H, W, C); mask (B, H, W, 1), 1 = masked: statistics use visible sites only."""
+    x32 = x.astype(jnp.float32)
+    visible = x32 if mask is None else _zero_masked(x32, _as_bool_mask(mask))
+    gx = jnp.sqrt(jnp.sum(jnp.square(visible), axis=(1, 2), keepdims=True) + GRN_EPS)
+    nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + GRN_EPS)
+    gamma = self.gamma[...].astype(jnp.float32)
+    beta = self.beta[...].astype(jnp.float32)
+    return (gamma * (x32 * nx) + beta + x32).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """ConvNeXtV2 block: dwconv 7x7 -> LN -> Linear 4x -> GELU -> GRN -> Linear -> drop path."""
+
+  def __init__(self, dim: int, *, drop_path: float = 0.0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not 0.0 <= drop_path < 1.0:
+      raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    common = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=KERNEL_INIT,
+                  bias_init=BIAS_INIT, rngs=rngs)
+    self.dwconv = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)),
+                           feature_group_count=dim, **common)
+    self.norm = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.pwconv1 = nnx.Linear(dim, 4 * dim, **common)
+    self.grn = GRN(4 * dim, param_dtype=param_dtype)
+    self.pwconv2 = nnx.Linear(4 * dim, dim, **common)
+    # Per-sample stochastic depth: one Bernoulli per sample, scaled by 1/keep (timm DropPath).
+    self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
+                      if drop_path > 0.0 else None)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True,
+               rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """x (B, H, W, C); mask (B, H, W, 1) float/bool, 1 = masked; None = dense block.
+
+    ``rngs`` (optional) overrides the drop-path random stream given at construction.
+    """
+    mask = None if mask is None else _as_bool_mask(mask)
+    x = _zero_masked(x, mask)  # LN and Linear biases make masked sites non-zero upstream
+    y = _zero_masked(self.dwconv(x), mask)
+    y = self.norm(y)
+    y = jax.nn.gelu(self.pwconv1(y), approximate=False)
+    y = self.grn(y, mask)
+    y = self.pwconv2(y)
+    if self.drop_path is not None:
+      y = self.drop_path(y, deterministic=deterministic, rngs=rngs)
+    return _zero_masked(x + y, mask)
+
+
+class ConvNeXtV2(nnx.Module):
+  """ConvNeXtV2 encoder (no head) with optional FCMAE masking.
+
+  Args:
+    variant: one of VARIANTS.
+    in_chans: input channels (12 for Sentinel-2).
+    stem: 'patch' (MMEarth small-tile stem, total stride = patch_size) or 'original'
+      (4x4 stride-4 stem, total stride 32, timm/official weight-compatible; patch_size
+      is not used).
+    patch_size: total stride of the 'patch' stem; a multiple of 8.
+    drop_path_rate: stochastic depth, linearly increasing from 0 over all blocks.
+    dtype: compute dtype; param_dtype: storage dtype of the parameters.
+
+  Attributes: ``variant``, ``stem``, ``depths``, ``dims``, ``stride`` (total stride),
+  ``in_chans``.
+  """
+
+  def __init__(self, variant: str, in_chans: int, *, stem: str = "patch", patch_size: int = 16,
+               drop_path_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    depths, dims = variant_config(variant)
+    if stem not in STEMS:
+      raise ValueError(f"unknown stem {stem!r}; known stems: {STEMS}")
+    if in_chans < 1:
+      raise ValueError(f"in_chans must be positive, got {in_chans}")
+    if stem == "patch" and (patch_size < 8 or patch_size % 8):
+      raise ValueError(
+          f"patch_size must be a positive multiple of 8 for stem='patch' (three 2x "
+          f"downsamplings after a patch_size/8 stem), got {patch_size}")
+    if not 0.0 <= drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    self.variant = variant
+    self.stem = stem
+    self.depths = depths
+    self.dims = dims
+    self.in_chans = in_chans
+    self.dtype = dtype
+    downsampling = 2 ** (len(depths) - 1)  # three 2x downsamplers between the four stages
+    stem_patch = ORIGINAL_STEM_STRIDE if stem == "original" else patch_size // downsampling
+    self.stride = stem_patch * downsampling
+    common = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=KERNEL_INIT,
+                  bias_init=BIAS_INIT, rngs=rngs)
+    norm_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    if stem == "original":
+      self.stem_conv = nnx.Conv(in_chans, dims[0], (stem_patch, stem_patch),
+                                strides=(stem_patch, stem_patch), padding="VALID", **common)
+      self.stem_norm = LayerNorm(dims[0], **norm_kw)
+      self.stem_patch_conv = None
+      self.stem_patch_norm = None
+    else:
+      self.stem_conv = nnx.Conv(in_chans, dims[0], (3, 3), padding=((1, 1), (1, 1)), **common)
+      self.stem_norm = LayerNorm(dims[0], **norm_kw)
+      self.stem_patch_conv = nnx.Conv(dims[0], dims[0], (stem_patch, stem_patch),
+                                      strides=(stem_patch, stem_patch), padding="VALID",
+                                      feature_group_count=dims[0], **common)
+      self.stem_patch_norm = LayerNorm(dims[0], **norm_kw)
+
+    self.downsample_norms = nnx.List(
+        [LayerNorm(dims[i], **norm_kw) for i in range(len(dims) - 1)])
+    self.downsample_convs = nnx.List([
+        nnx.Conv(dims[i], dims[i + 1], (2, 2), strides=(2, 2), padding="VALID", **common)
+        for i in range(len(dims) - 1)
+    ])
+    rates = np.linspace(0.0, drop_path_rate, sum(depths))
+    stages = []
+    for i, (depth, dim) in enumerate(zip(depths, dims)):
+      first = sum(depths[:i])
+      stages.append(nnx.List([
+          Block(dim, drop_path=float(rates[first + j]), dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs) for j in range(depth)
+      ]))
+    self.stages = nnx.List(stages)
+
+  def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+    """Final-grid (mask) shape for an input of the given size."""
+    return height // self.stride, width // self.stride
+
+  def _check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
+    if x.ndim != 4:
+      raise ValueError(f"x must be (B, H, W, C) channels-last, got shape {x.shape}")
+    batch, height, width, chans = x.shape
+    if chans != self.in_chans:
+      raise ValueError(
+          f"x has {chans} channels (last axis, channels-last), model expects in_chans="
+          f"{self.in_chans}; got shape {x.shape}")
+    if height % self.stride or width % self.stride:
+      raise ValueError(
+          f"input H and W must be divisible by the total stride {self.stride}, got "
+          f"{height}x{width}")
+    if mask is not None:
+      expected = (batch, height // self.stride, width // self.stride)
+      if tuple(jnp.shape(mask)) != expected:
+        raise ValueError(
+            f"mask must be (B, H/stride, W/stride) = {expected} on the final grid, got "
+            f"shape {tuple(jnp.shape(mask))}")
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, list[jax.Array]]:
+    """Encodes x (B, H, W, in_chans); mask (B, H/stride, W/stride), 1 = masked, or None.
+
+    Returns (final map (B, H/stride, W/stride, dims[-1]), [the four stage outputs]).
+    With a mask, masked sites are zero in every returned map.
+    """
+    self._check_inputs(x, mask)
+    grid_mask = None if mask is None else _as_bool_mask(mask)
+
+    def mask_at(factor: int) -> jax.Array | None:
+      return None if grid_mask is None else upsample_mask(grid_mask, factor)[..., None]
+
+    num_stages = len(self.depths)
+    x = _zero_masked(jnp.asarray(x, self.dtype), mask_at(self.stride))
+    if self.stem == "original":
+      x = self.stem_norm(self.stem_conv(x))
+    else:
+      x = jax.nn.gelu(self.stem_norm(self.stem_conv(x)), approximate=False)
+      x = _zero_masked(x, mask_at(self.stride))  # sparse semantics at full resolution
+      x = self.stem_patch_norm(self.stem_patch_conv(x))
+    stage_outputs = []
+    for i in range(num_stages):
+      stage_mask = mask_at(2 ** (num_stages - 1 - i))
+      if i > 0:
+        # A 2x2 stride-2 window never straddles a mask cell (cells are >= 2 px wide
+        # here), so the downsampler needs no extra masking; the blocks re-mask.
+        x = self.downsample_convs[i - 1](self.downsample_norms[i - 1](x))
+      x = _zero_masked(x, stage_mask)
+      for block in self.stages[i]:
+        x = block(x, stage_mask, deterministic=deterministic, rngs=rngs)
+      stage_outputs.append(x)
+    return x, stage_outputs
+

@@ -1,0 +1,180 @@
+"""GeoMeld-FM pretraining loop: one readable function under section banners (big_vision style).
+
+`train_and_evaluate(config, workdir)` trains, evaluates the held-out loss every
+`config.eval_every` steps, checkpoints (async, every `config.checkpoint_every` steps and on
+preemption) and exports the encoder at the end. It resumes from the workdir's newest complete
+checkpoint, data iterator included, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from geomeld_jax import checkpointing
+from geomeld_jax import input_pipeline
+from geomeld_jax import metrics_writer
+from geomeld_jax import sharding
+from geomeld_jax import train_step as ts
+from geomeld_jax.models import geomeld
+
+# Config keys a checkpoint must agree on to be resumed (schedules and logging may change).
+RESUME_KEYS = ("model", "seed", "input.crop_size", "input.text_len", "input.global_batch_size",
+               "mesh")
+
+
+def _dataset(config) -> input_pipeline.DatasetFiles:
+  data_dir = config.input.data_dir
+  if not data_dir:
+    raise ValueError("config.input.data_dir is empty: point it at a dataset built by data_prep")
+  if config.input.build_demo_if_missing:
+    try:
+      return input_pipeline.locate_dataset(data_dir)
+    except FileNotFoundError:
+      from data_prep import demo  # pylint: disable=g-import-not-at-top
+
+      logging.info("no dataset in %s: building the synthetic demo dataset", data_dir)
+      print(demo.build_demo(data_dir, num_samples=config.input.demo_num_samples))
+  return input_pipeline.locate_dataset(
+      data_dir, build_hint="python -m data_prep.demo --output_dir=" + str(data_dir))
+
+
+def _check_finite(step: int, metrics: dict[str, float], workdir: epath.Path) -> None:
+  """Stops the run on a NaN/Inf loss, after writing what is needed to debug it."""
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if not bad:
+    return
+  path = workdir / "nonfinite_diagnostics.json"
+  if jax.process_index() == 0:
+    path.write_text(json.dumps({"step": step, "nonfinite": sorted(bad), "metrics": {
+        k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}, indent=2))
+  raise FloatingPointError(f"non-finite metrics at step {step}: {sorted(bad)}. Diagnostics in "
+                           f"{path}; the last good checkpoint is kept untouched.")
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
+  """Runs (or resumes) pretraining; returns the last logged training metrics."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_host0 = jax.process_index() == 0
+
+  ##########################################################################################
+  # Run metadata and resume compatibility                                                  #
+  ##########################################################################################
+  checkpointing.check_compatible(workdir, config, RESUME_KEYS)
+  checkpointing.save_config(workdir, config)
+  if is_host0:
+    metrics_writer.write_run_info(workdir, config)
+  writer = metrics_writer.MetricWriter(workdir, config.total_steps, is_host0,
+                                       global_batch_size=config.input.global_batch_size)
+
+  ##########################################################################################
+  # Mesh, model, optimizer, sharded state                                                  #
+  ##########################################################################################
+  mesh = sharding.make_mesh(config.mesh)
+  per_host_batch = sharding.per_process_batch_size(config.input.global_batch_size, mesh)
+  setup = ts.setup(config, mesh)
+  mcfg = setup.model_def.config
+  logging.info("mesh %s; global batch %d (%d per host)", dict(mesh.shape),
+               config.input.global_batch_size, per_host_batch)
+
+  ##########################################################################################
+  # Input pipeline                                                                         #
+  ##########################################################################################
+  files = _dataset(config)
+  data_kw = dict(global_batch_size=config.input.global_batch_size,
+                 crop_size=config.input.crop_size, text_len=config.input.text_len,
+                 seed=config.seed, process_index=jax.process_index(),
+                 process_count=jax.process_count())
+  train_ds = input_pipeline.make_dataset(files, config.input.train_split, train=True,
+                                         num_workers=config.input.num_workers, **data_kw)
+  train_iter = iter(train_ds)
+  first = next(iter(input_pipeline.make_dataset(files, config.input.train_split, train=True,
+                                                **data_kw)))
+  # Checked in plain Python before anything compiles: a wrong key fails here, by name.
+  geomeld.check_batch(mcfg, {k: np.asarray(v) for k, v in first.items()})
+  if mcfg.itc:
+    if not files.tokenizer.is_file():
+      raise ValueError(f"ITC is on but {files.root} has no tokenizer.model (no captions?)")
+    vocab = input_pipeline.Tokenizer(files.tokenizer, config.input.text_len).vocab_size
+    if vocab > mcfg.text_vocab_size:
+      raise ValueError(f"the dataset's tokenizer has {vocab} pieces but config.model."
+                       f"text_vocab_size is {mcfg.text_vocab_size}: raise it to >= {vocab}")
+  del first
+
+  ##########################################################################################
+  # Initialise or restore                                                                  #
+  ##########################################################################################
+  ckpt = checkpointing.Checkpointer(workdir, save_interval_steps=config.checkpoint_every,
+                                    max_to_keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpoints)
+  restored = ckpt.restore_latest(setup.abstract_state, data_iter=train_iter)
+  if restored is None:
+    state, first_step = setup.init_state(), 0
+    logging.info("initialised a new state: %s params",
+                 f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
+  else:
+    state, first_step = restored
+    logging.info("resumed from step %d", first_step)
+
+  ##########################################################################################
+  # Train loop                                                                             #
+  ##########################################################################################
+  repl = sharding.replicated(mesh)
+
+  def evaluate(step: int) -> None:
+    eval_ds = input_pipeline.make_dataset(files, config.input.eval_split, train=False,
+                                          max_eval_batches=config.input.eval_batches, **data_kw)
+    sums: dict[str, float] = {}
+    n = 0
+    for i, batch in enumerate(eval_ds):
+      m = jax.device_get(setup.eval_step(state, sharding.put_batch(batch, mesh),
+                                         jax.device_put(np.int32(i), repl)))
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      n += 1
+    if n:
+      writer.write_scalars(step, {f"eval/{k}": v / n for k, v in sums.items()})
+
+  last: dict[str, float] = {}
+  t0 = time.monotonic()
+  for step in range(first_step + 1, config.total_steps + 1):
+    batch = sharding.put_batch(next(train_iter), mesh)  # explicit, allowed by the guard
+    with jax.transfer_guard(config.transfer_guard):  # no implicit copy inside the step
+      state, metrics = setup.train_step(state, batch)
+    log_now = step % config.log_every == 0 or step == config.total_steps
+    save_now = ckpt.should_save(step) or step == config.total_steps
+    if log_now or save_now:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _check_finite(step, last, workdir)  # before any save: never checkpoint a NaN state
+    if log_now:
+      writer.write_scalars(step, last)
+    if save_now:
+      ckpt.maybe_save(step, state, train_iter, force=step == config.total_steps)
+    if ckpt.reached_preemption(step):
+      logging.warning("preemption notice at step %d: saved, exiting", step)
+      ckpt.wait_until_finished()
+      return last
+    if step % config.eval_every == 0 or step == config.total_steps:
+      evaluate(step)
+  ckpt.wait_until_finished()
+  writer.close()
+  logging.info("trained steps %d..%d in %.1f s", first_step + 1, config.total_steps,
+               time.monotonic() - t0)
+
+  ##########################################################################################
+  # Export                                                                                 #
+  ##########################################################################################
+  if config.export_at_end and first_step < config.total_steps:
+    from geomeld_jax import export  # pylint: disable=g-import-not-at-top
+
+    export.export_encoder(workdir, step=config.total_steps)
+  return last

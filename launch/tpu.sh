@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Launch GeoMeld-FM pretraining on a Cloud TPU VM pod slice.
+#
+# Usage:
+#   launch/tpu.sh [--dry-run] [flags] create [--spot|--reserved]
+#   launch/tpu.sh [--dry-run] [flags] setup
+#   launch/tpu.sh [--dry-run] [flags] run --config=configs/pretrain.py:<variant> [-- --config.a.b=v ...]
+#   launch/tpu.sh [--dry-run] [flags] logs
+#   launch/tpu.sh [--dry-run] [flags] stop
+#   launch/tpu.sh [--dry-run] [flags] delete
+#
+# Flags (each falls back to the environment variable in brackets):
+#   --tpu-name [TPU_NAME]  --zone [ZONE]  --project [PROJECT]
+#   --accelerator-type [ACCELERATOR_TYPE], e.g. v5p-32    (create)
+#   --runtime-version [TPU_RUNTIME_VERSION], default tpu-ubuntu2204-base   (create)
+#   --workdir [WORKDIR], e.g. gs://bucket/geomeld/run1   (run)
+#   --dry-run  print every gcloud/git command instead of running it (needs no gcloud)
+#
+# Every worker runs the same code: `setup` ships `git archive` of the local HEAD commit,
+# unpacked into ~/geomeld/src/<sha>; `run` refuses to start unless that SHA is set up there.
+# Uncommitted changes are NOT shipped.
+#
+# Example:
+#   export TPU_NAME=geomeld-v5p ZONE=us-east5-a PROJECT=my-proj ACCELERATOR_TYPE=v5p-32
+#   launch/tpu.sh create --spot && launch/tpu.sh setup
+#   launch/tpu.sh run --workdir=gs://my-bucket/geomeld/base1 --config=configs/pretrain.py:base -- --config.total_steps=100000
+set -euo pipefail
+
+readonly REMOTE_ROOT='~/geomeld'  # expanded by the worker's shell, not here
+readonly JAX_TPU_FIND_LINKS='https://storage.googleapis.com/jax-releases/libtpu_releases.html'
+
+DRY_RUN=0
+CAPACITY=""
+CONFIG=""
+OVERRIDES=()
+TPU_RUNTIME_VERSION="${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+
+die() { echo "tpu.sh: error: $*" >&2; exit 2; }
+
+# Print a command the way a shell would read it back (single quotes only where needed).
+quote_cmd() {
+  local out="" arg
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
+      out+="$arg "
+    else
+      out+="'${arg//\'/\'\\\'\'}' "
+    fi
+  done
+  printf '%s\n' "${out% }"
+}
+
+# Run a command, or only print it under --dry-run.
+run_cmd() {
+  if (( DRY_RUN )); then
+    quote_cmd "$@"
+  else
+    "$@"
+  fi
+}
+
+require() {
+  local name
+  for name in "$@"; do
+    [[ -n "${!name:-}" ]] || die "$name is not set: export $name=... or pass --$(echo "$name" | tr 'A-Z_' 'a-z-')=..."
+  done
+}
+
+require_gcloud() {
+  (( DRY_RUN )) || command -v gcloud >/dev/null || die "gcloud is not installed (use --dry-run to print the commands)"
+}
+
+local_sha() {
+  git -C "$REPO_ROOT" rev-parse HEAD 2>/dev/null || die "$REPO_ROOT is not a git checkout; cannot name the code revision"
+}
+
+tpu_ssh() {  # tpu_ssh <worker> <remote command>
+  run_cmd gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \
+    --worker="$1" --command="$2"
+}
+
+# ---------------------------------------------------------------------------------------------
+cmd_create() {
+  require TPU_NAME ZONE PROJECT ACCELERATOR_TYPE
+  require_gcloud
+  local capacity=()
+  [[ -n "$CAPACITY" ]] && capacity=("--$CAPACITY")
+  run_cmd gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" \
+    --zone="$ZONE" --project="$PROJECT" --accelerator-type="$ACCELERATOR_TYPE" \
+    --runtime-version="$TPU_RUNTIME_VERSION" ${capacity[@]+"${capacity[@]}"}
+  echo "tpu.sh: queued; watch it with: gcloud compute tpus queued-resources describe $TPU_NAME --zone=$ZONE --project=$PROJECT" >&2
+}
+
+cmd_setup() {
+  require TPU_NAME ZONE PROJECT
+  require_gcloud
+  local sha archive
+  sha="$(local_sha)"
+  if [[ -n "$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no)" ]]; then
+    echo "tpu.sh: warning: uncommitted changes are not shipped; workers get commit $sha" >&2
+  fi
+  archive="/tmp/geomeld-$sha.tar.gz"
+  run_cmd git -C "$REPO_ROOT" archive --format=tar.gz --output="$archive" "$sha"
+  run_cmd gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:geomeld-$sha.tar.gz" \
+    --zone="$ZONE" --project="$PROJECT" --worker=all
+  # Idempotent: re-running unpacks the same SHA again, keeps an existing venv, and pip only
+  # changes what differs. jax[tpu] goes through the same constraints so libtpu matches jax.
+  local remote="set -euo pipefail
+src=$REMOTE_ROOT/src/$sha
+mkdir -p \$src $REMOTE_ROOT/logs
+tar -xzf ~/geomeld-$sha.tar.gz -C \$src
+echo $sha > \$src/GIT_SHA
+[ -x $REMOTE_ROOT/venv/bin/python ] || python3 -m venv $REMOTE_ROOT/venv
+$REMOTE_ROOT/venv/bin/pip install -q -U pip
+$REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt 'jax[tpu]' -f $JAX_TPU_FIND_LINKS
+$REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt -e \$src
+touch \$src/.setup_done
+echo \"geomeld $sha ready on \$(hostname)\""
+  tpu_ssh all "$remote"
+}
+
+cmd_run() {
+  require TPU_NAME ZONE PROJECT WORKDIR CONFIG
+  require_gcloud
+  local sha run_id overrides_q cmdline record
+  sha="$(local_sha)"
+  run_id="$(date -u +%Y%m%dT%H%M%SZ)"
+  overrides_q=""
+  if (( ${#OVERRIDES[@]} )); then
+    overrides_q=" $(printf '%q ' "${OVERRIDES[@]}")"
+    overrides_q="${overrides_q% }"
+  fi
+  cmdline="python -m geomeld_jax.main --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$overrides_q"
+  # Kill whatever still holds the TPU (a crashed or orphaned earlier run): /dev/accel* on v2-v4,
+  # /dev/vfio/* on v5e/v5p/v6e. libtpu refuses to start while its lock file exists.
+  local remote="set -euo pipefail
+src=$REMOTE_ROOT/src/$sha
+[ -f \$src/.setup_done ] || { echo \"commit $sha is not set up on \$(hostname): run launch/tpu.sh setup\" >&2; exit 1; }
+stale=\$(sudo lsof -t -w /dev/accel* /dev/vfio/* 2>/dev/null | sort -u || true)
+if [ -n \"\$stale\" ]; then echo \"killing stale TPU users: \$stale\"; sudo kill -9 \$stale || true; sleep 2; fi
+sudo rm -f /tmp/libtpu_lockfile
+log=$REMOTE_ROOT/logs/run-$run_id-\$(hostname).log
+ln -sfn \$log $REMOTE_ROOT/logs/latest.log
+cd \$src
+GEOMELD_DISTRIBUTED=1 GEOMELD_GIT_SHA=$sha JAX_COMPILATION_CACHE_DIR=$(printf '%q' "$WORKDIR/jax_cache") \
+nohup $REMOTE_ROOT/venv/bin/${cmdline} > \$log 2>&1 < /dev/null &
+echo \$! > $REMOTE_ROOT/run.pid
+echo \"started \$(cat $REMOTE_ROOT/run.pid) on \$(hostname), log \$log\""
+  record="git_sha: $sha
+run_id: $run_id
+tpu: $TPU_NAME ($ZONE, $PROJECT)
+command: $cmdline"
+  # The record goes into the workdir from this machine (gs://) or from worker 0 (a path on
+  # the workers' disk), before the run starts so a crash still leaves it behind.
+  if [[ "$WORKDIR" == gs://* ]]; then
+    if (( DRY_RUN )); then
+      printf '%s\n' "$record" | sed 's/^/# launch record: /'
+      quote_cmd gcloud storage cp - "$WORKDIR/launch/$run_id.txt"
+    else
+      printf '%s\n' "$record" | gcloud storage cp - "$WORKDIR/launch/$run_id.txt"
+    fi
+  else
+    tpu_ssh 0 "mkdir -p $(printf '%q' "$WORKDIR/launch") && printf '%s\n' $(printf '%q' "$record") > $(printf '%q' "$WORKDIR/launch/$run_id.txt")"
+  fi
+  tpu_ssh all "$remote"
+}
+
+cmd_logs() {
+  require TPU_NAME ZONE PROJECT
+  require_gcloud
+  tpu_ssh 0 "tail -n 100 $REMOTE_ROOT/logs/latest.log"
+  tpu_ssh all "if grep -q Traceback $REMOTE_ROOT/logs/latest.log; then echo \"== \$(hostname): Traceback ==\"; grep -n -A 30 Traceback $REMOTE_ROOT/logs/latest.log | tail -n 60; fi"
+}
+
+cmd_stop() {
+  require TPU_NAME ZONE PROJECT
+  require_gcloud
+  tpu_ssh all "if [ -f $REMOTE_ROOT/run.pid ]; then pid=\$(cat $REMOTE_ROOT/run.pid); kill \$pid 2>/dev/null && echo \"stopped \$pid on \$(hostname)\" || echo \"\$pid already gone on \$(hostname)\"; rm -f $REMOTE_ROOT/run.pid; else echo \"no recorded run on \$(hostname)\"; fi"
+}
+
+cmd_delete() {
+  require TPU_NAME ZONE PROJECT
+  require_gcloud
+  run_cmd gcloud compute tpus queued-resources delete "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --force --quiet
+}
+
+# ---------------------------------------------------------------------------------------------
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SUBCOMMAND=""
+while (( $# )); do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --tpu-name=*) TPU_NAME="${1#*=}" ;;
+    --zone=*) ZONE="${1#*=}" ;;
+    --project=*) PROJECT="${1#*=}" ;;
+    --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
+    --runtime-version=*) TPU_RUNTIME_VERSION="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --spot) CAPACITY=spot ;;
+    --reserved) CAPACITY=reserved ;;
+    --) shift; OVERRIDES=("$@"); break ;;
+    create|setup|run|logs|stop|delete)
+      [[ -z "$SUBCOMMAND" ]] || die "two subcommands given: $SUBCOMMAND and $1"
+      SUBCOMMAND="$1" ;;
+    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+[[ -n "$SUBCOMMAND" ]] || die "no subcommand: one of create, setup, run, logs, stop, delete (see --help)"
+if (( ${#OVERRIDES[@]} )) && [[ "$SUBCOMMAND" != run ]]; then
+  die "config overrides after -- only apply to 'run', not '$SUBCOMMAND'"
+fi
+if [[ -n "$CAPACITY" && "$SUBCOMMAND" != create ]]; then
+  die "--$CAPACITY only applies to 'create'"
+fi
+"cmd_$SUBCOMMAND"

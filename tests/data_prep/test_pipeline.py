@@ -1,0 +1,203 @@
+"""End-to-end build on synthetic shards: readback, dead letters, determinism, splits, stats."""
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from data_prep import pipeline
+from data_prep import splits
+from data_prep import stats
+from data_prep import synthetic
+from data_prep import writer
+from geomeld_jax import modalities as mod
+from geomeld_jax import records
+
+# Chosen so that the 70 synthetic tiles land in all three splits and some in the buffer.
+SPLIT_CONFIG = splits.SplitConfig(block_size_m=10_000.0, fractions=(0.5, 0.25, 0.25), seed=1)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline")
+  synthetic.write_release_shards(str(root / "good"), 64, samples_per_shard=32, seed=0)
+  expected_bad = synthetic.write_bad_shards(str(root / "bad"))
+  config = pipeline.BuildConfig(
+      sources=(f"synthetic:{root / 'good'}", f"synthetic:{root / 'bad'}"),
+      output_dir=str(root / "one_worker"), num_shards=3, split=SPLIT_CONFIG, vocab_size=300)
+  one = pipeline.run_build(config)
+  two = pipeline.run_build(
+      dataclasses.replace(config, output_dir=str(root / "two_workers")),
+      ["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+  return {"one": one, "two": two, "expected_bad": expected_bad, "config": config}
+
+
+def _load(path: pathlib.Path | str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _records(dataset_dir: str, split: str) -> list[dict]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder_from_directory(dataset_dir).as_data_source(split)
+  return [source[i] for i in range(len(source))]
+
+
+def _text(v) -> str:
+  return v.decode() if isinstance(v, bytes) else v
+
+
+def test_layout_and_tfds_readback(build):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  result = build["one"]
+  d = pathlib.Path(result.dataset_dir)
+  assert d.parts[-2:] == ("geomeld", records.RECORD_VERSION)
+  for name in ("dataset_info.json", "features.json", "statistics.json", "manifest.json",
+               "dead_letters.jsonl", "tokenizer.model"):
+    assert (d / name).is_file(), name
+  assert not [p for p in d.parent.iterdir() if writer.INCOMPLETE_MARKER in p.name]
+  manifest = result.manifest
+  builder = tfds.builder_from_directory(str(d))
+  for split in splits.SPLITS:
+    n = manifest["splits"][split]["records"]
+    assert n > 0, f"{split} is empty: the test's split config no longer covers every split"
+    files = sorted(p.name for p in d.glob(f"geomeld-{split}.array_record-*"))
+    assert files == [writer.shard_filename("geomeld", split, i, len(files))
+                     for i in range(len(files))]
+    assert builder.info.splits[split].num_examples == n
+    assert sum(builder.info.splits[split].shard_lengths) == n
+    source = builder.as_data_source(split)
+    assert len(source) == n
+    by_name = tfds.data_source("geomeld", data_dir=str(d.parent.parent), split=split)
+    assert len(by_name) == n
+    first, again = source[0], by_name[0]
+    assert _text(first["tile_id"]) == _text(again["tile_id"])
+    assert first["sentinel2"].shape == (128, 128, 12) and first["sentinel2"].dtype == np.uint16
+    np.testing.assert_array_equal(first["sentinel1"], again["sentinel1"])
+
+
+def test_grain_reads_same_records_and_decode_works(build):
+  import grain  # pylint: disable=g-import-not-at-top
+  d = pathlib.Path(build["one"].dataset_dir)
+  features = records.features()
+  normalizer = records.Normalizer.from_file(d / "statistics.json")
+  for split in splits.SPLITS:
+    files = sorted(str(p) for p in d.glob(f"geomeld-{split}.array_record-*"))
+    source = grain.sources.ArrayRecordDataSource(files)
+    via_tfds = _records(str(d), split)
+    assert len(source) == len(via_tfds)
+    ids = [_text(features.deserialize_example_np(source[i])["tile_id"]) for i in range(len(source))]
+    assert ids == [_text(r["tile_id"]) for r in via_tfds]
+    decoded = records.decode(features.deserialize_example_np(source[0]), normalizer)
+    x, valid = decoded["sentinel2"], decoded["sentinel2_valid"]
+    assert x.dtype == np.float32 and np.isfinite(x).all() and valid.any()
+    assert decoded["esa_worldcover"].shape == (128, 128)
+
+
+def test_records_sorted_by_tile_id_within_shard_and_unique(build):
+  d = pathlib.Path(build["one"].dataset_dir)
+  import grain  # pylint: disable=g-import-not-at-top
+  features = records.features()
+  all_ids = []
+  for path in sorted(d.glob("geomeld-*.array_record-*")):
+    src = grain.sources.ArrayRecordDataSource([str(path)])
+    ids = [_text(features.deserialize_example_np(src[i])["tile_id"]) for i in range(len(src))]
+    assert ids == sorted(ids), path.name
+    all_ids += ids
+  assert len(all_ids) == len(set(all_ids)) == build["one"].manifest["written"]
+
+
+def test_dead_letters_and_manifest_reconcile(build):
+  result = build["one"]
+  d = pathlib.Path(result.dataset_dir)
+  manifest = _load(d / "manifest.json")
+  lines = (d / "dead_letters.jsonl").read_text().splitlines()
+  letters = [json.loads(line) for line in lines]
+  reasons = collections.Counter(r["reason"] for r in letters)
+  # Every deliberately bad input is there with its reason (the good synthetic shards only
+  # lose tiles to the spatial buffer).
+  for reason, n in build["expected_bad"].items():
+    assert reasons[reason] == n, (reason, reasons)
+  assert set(reasons) == set(build["expected_bad"]) | {splits.BUFFER}
+  assert reasons[splits.BUFFER] > 0
+  assert manifest["rejections"] == dict(reasons)
+  assert manifest["rejected"] == len(letters) == sum(reasons.values())
+  assert manifest["read"] == manifest["written"] + manifest["rejected"]
+  assert manifest["written"] == sum(s["records"] for s in manifest["splits"].values())
+  unit_reads = [u["read"] for s in manifest["sources"].values() for u in s["units"].values()]
+  assert sum(unit_reads) == manifest["read"] == 64 + 14  # 64 good + 11 + 3 members of bad
+  for s in manifest["sources"].values():
+    assert all(u["fingerprint"] for u in s["units"].values())
+  assert manifest["record_version"] == records.RECORD_VERSION
+  assert manifest["pipeline_version"] == pipeline.PIPELINE_VERSION
+  assert manifest["flags"]["split"]["seed"] == SPLIT_CONFIG.seed
+  assert all(isinstance(v, int) and v >= 0 for v in manifest["counters"].values())
+  # Deterministic order of the dead letters.
+  keys = [(r["source"], r["tile_id"], r["reason"], r["detail"]) for r in letters]
+  assert keys == sorted(keys)
+  dup = [r for r in letters if r["reason"] == pipeline.DUPLICATE]
+  assert dup and all("lowest source wins" in r["detail"] for r in dup)
+  assert manifest["tokenizer"].startswith("tokenizer.model")
+
+
+def test_determinism_across_worker_counts(build):
+  a, b = pathlib.Path(build["one"].dataset_dir), pathlib.Path(build["two"].dataset_dir)
+  files_a = sorted(p.name for p in a.glob("geomeld-*"))
+  assert files_a == sorted(p.name for p in b.glob("geomeld-*"))
+  for name in files_a + ["dead_letters.jsonl", "statistics.json", "tokenizer.model",
+                         "features.json"]:
+    assert (a / name).read_bytes() == (b / name).read_bytes(), name
+  assert _load(a / "dataset_info.json")["splits"] == _load(b / "dataset_info.json")["splits"]
+
+
+def test_no_block_or_footprint_shared_across_splits(build):
+  d = build["one"].dataset_dir
+  split_of_block = {}
+  boxes = []
+  for split in splits.SPLITS:
+    for r in _records(d, split):
+      bid = _text(r["block_id"])
+      assert bid, "every record carries its block id"
+      assert split_of_block.setdefault(bid, split) == split, f"block {bid} in two splits"
+      assert splits.assign(float(r["lat"]), float(r["lon"]), SPLIT_CONFIG).block_id == bid
+      boxes.append((split, splits.footprint_box(float(r["lat"]), float(r["lon"]))))
+  for i, (split_a, (a0, a1, a2, a3)) in enumerate(boxes):
+    for split_b, (b0, b1, b2, b3) in boxes[i + 1:]:
+      if split_a != split_b:
+        overlap = a0 < b1 and b0 < a1 and a2 < b3 and b2 < a3
+        assert not overlap, f"{split_a} and {split_b} footprints overlap"
+
+
+def test_statistics_match_numpy_on_train_records(build):
+  d = build["one"].dataset_dir
+  statistics = _load(os.path.join(d, "statistics.json"))
+  train = _records(d, "train")
+  assert statistics["summary"]["num_records"] == len(train)
+  for m in stats.regression_modalities():
+    entry = statistics[m.name]
+    assert entry["bands"] == list(m.bands)
+    stored = np.stack([r[m.name] for r in train]).reshape(-1, m.num_bands)
+    vr = m.band_valid_range()
+    for b in range(m.num_bands):
+      s = stored[:, b]
+      phys = s[s != m.nodata_stored].astype(np.float64) * m.band_scale()[b] + m.band_offset()[b]
+      assert entry["count"][b] == phys.size
+      if phys.size == 0:
+        assert entry["mean"][b] is None
+        continue
+      np.testing.assert_allclose(entry["mean"][b], phys.mean(), rtol=1e-9, atol=1e-9)
+      np.testing.assert_allclose(entry["std"][b], phys.std(), rtol=1e-7, atol=1e-9)
+      assert entry["min"][b] == pytest.approx(phys.min())
+      assert entry["max"][b] == pytest.approx(phys.max())
+      width = (vr[b, 1] - vr[b, 0]) / stats.HIST_BINS
+      for q in stats.PERCENTILES:
+        assert abs(entry[f"p{q}"][b] - np.percentile(phys, q)) <= 2 * width, (m.name, b, q)
+  for m in stats.class_modalities():
+    stored = np.stack([r[m.name] for r in train]).reshape(-1)
+    want = np.bincount(stored, minlength=256)
+    assert statistics[m.name]["counts"] == want[:m.num_classes].tolist()
+    assert statistics[m.name]["nodata_count"] == int(want[mod.CLASS_NODATA])

@@ -1,0 +1,163 @@
+"""Dry runs of launch/tpu.sh and launch/gpu.sh: the printed commands, without gcloud or GPUs."""
+
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TPU_SH = REPO_ROOT / "launch" / "tpu.sh"
+GPU_SH = REPO_ROOT / "launch" / "gpu.sh"
+TPU_ENV = dict(TPU_NAME="geomeld-test", ZONE="us-east5-a", PROJECT="proj-x", ACCELERATOR_TYPE="v5p-32",
+               WORKDIR="gs://bucket/geomeld/run1")
+BASH = subprocess.run(["which", "bash"], capture_output=True, text=True, check=True).stdout.strip()
+OVERRIDES = ["--config.total_steps=1234", "--config.optim.lr=3e-4"]
+
+
+def _head_sha() -> str:
+  return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+
+def _run(script: pathlib.Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  base = {k: v for k, v in os.environ.items() if k not in TPU_ENV and k not in ("CONFIG", "XLA_FLAGS")}
+  return subprocess.run([BASH, str(script), *args], env={**base, **(env or {})}, capture_output=True,
+                        text=True, timeout=30, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def sha() -> str:
+  return _head_sha()
+
+
+def test_create_spot_and_reserved():
+  spot = _run(TPU_SH, "--dry-run", "create", "--spot", env=TPU_ENV)
+  assert spot.returncode == 0, spot.stderr
+  assert "gcloud compute tpus queued-resources create geomeld-test" in spot.stdout
+  for part in ("--zone=us-east5-a", "--project=proj-x", "--accelerator-type=v5p-32", "--spot"):
+    assert part in spot.stdout
+  reserved = _run(TPU_SH, "--dry-run", "create", "--reserved", env=TPU_ENV)
+  assert reserved.returncode == 0 and "--reserved" in reserved.stdout and "--spot" not in reserved.stdout
+
+
+def test_setup_ships_the_head_sha_to_all_workers(sha):
+  result = _run(TPU_SH, "--dry-run", "setup", env=TPU_ENV)
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert f"archive --format=tar.gz --output=/tmp/geomeld-{sha}.tar.gz {sha}" in out
+  scp = next(line for line in out.splitlines() if "tpu-vm scp" in line)
+  assert sha in scp and "--worker=all" in scp
+  ssh = out[out.index("tpu-vm ssh"):]
+  assert "--worker=all" in ssh and f"src=~/geomeld/src/{sha}" in ssh
+  assert "[ -x ~/geomeld/venv/bin/python ] || python3 -m venv" in ssh  # idempotent venv
+  assert "jax[tpu]" in ssh and "-c $src/constraints.txt -e $src" in ssh
+
+
+def test_run_cleans_stale_tpu_users_and_starts_detached(sha):
+  result = _run(TPU_SH, "--dry-run", "run", "--config=configs/pretrain.py:base", "--", *OVERRIDES, env=TPU_ENV)
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  ssh = out[out.index("tpu-vm ssh"):]
+  assert "--worker=all" in ssh
+  assert "lsof -t -w /dev/accel* /dev/vfio/*" in ssh and "rm -f /tmp/libtpu_lockfile" in ssh
+  # Cleanup runs before the training process starts.
+  assert ssh.index("libtpu_lockfile") < ssh.index("nohup")
+  assert "GEOMELD_DISTRIBUTED=1" in ssh and f"GEOMELD_GIT_SHA={sha}" in ssh
+  assert ("nohup ~/geomeld/venv/bin/python -m geomeld_jax.main --config=configs/pretrain.py:base "
+          "--workdir=gs://bucket/geomeld/run1 " + " ".join(OVERRIDES)) in ssh
+  assert "> $log 2>&1 < /dev/null &" in ssh and "$(hostname).log" in ssh  # per-worker log
+  assert "echo $! > ~/geomeld/run.pid" in ssh
+  assert f"src=~/geomeld/src/{sha}" in ssh and ".setup_done ]" in ssh
+  # The SHA and the command are recorded into the workdir.
+  assert f"# launch record: git_sha: {sha}" in out
+  assert "gcloud storage cp - gs://bucket/geomeld/run1/launch/" in out
+  record_cmd = next(line for line in out.splitlines() if line.startswith("# launch record: command:"))
+  assert all(o in record_cmd for o in OVERRIDES)
+
+
+def test_run_quotes_overrides_with_spaces():
+  result = _run(TPU_SH, "--dry-run", "run", "--config=configs/pretrain.py:tiny", "--", "--config.name=two words",
+                env=TPU_ENV)
+  assert result.returncode == 0, result.stderr
+  assert r"--config.name=two\ words" in result.stdout
+
+
+def test_run_with_a_local_workdir_records_on_worker_0(sha):
+  env = {**TPU_ENV, "WORKDIR": "/mnt/disk/run2"}
+  result = _run(TPU_SH, "--dry-run", "run", "--config=configs/pretrain.py:base", env=env)
+  assert result.returncode == 0, result.stderr
+  record = next(line for line in result.stdout.splitlines() if "--worker=0" in line)
+  assert "mkdir -p /mnt/disk/run2/launch" in record and sha in record
+
+
+def test_logs_stop_delete():
+  logs = _run(TPU_SH, "--dry-run", "logs", env=TPU_ENV)
+  assert logs.returncode == 0, logs.stderr
+  assert "--worker=0" in logs.stdout and "tail -n 100 ~/geomeld/logs/latest.log" in logs.stdout
+  assert "--worker=all" in logs.stdout and "grep -q Traceback" in logs.stdout
+  stop = _run(TPU_SH, "--dry-run", "stop", env=TPU_ENV)
+  assert stop.returncode == 0 and "--worker=all" in stop.stdout
+  assert "pid=$(cat ~/geomeld/run.pid); kill $pid" in stop.stdout
+  delete = _run(TPU_SH, "--dry-run", "delete", env=TPU_ENV)
+  assert delete.returncode == 0
+  assert "gcloud compute tpus queued-resources delete geomeld-test" in delete.stdout
+
+
+def test_flags_replace_env():
+  result = _run(TPU_SH, "--dry-run", "--tpu-name=other", "--zone=europe-west4-a", "--project=p2",
+                "--accelerator-type=v5litepod-16", "create")
+  assert result.returncode == 0, result.stderr
+  assert "create other" in result.stdout and "--zone=europe-west4-a" in result.stdout
+
+
+@pytest.mark.parametrize("subcommand,missing", [
+    ("create", "ACCELERATOR_TYPE"), ("setup", "PROJECT"), ("run", "WORKDIR"), ("logs", "ZONE"),
+    ("stop", "TPU_NAME"), ("delete", "PROJECT"),
+])
+def test_missing_settings_fail_clearly(subcommand, missing):
+  env = {k: v for k, v in TPU_ENV.items() if k != missing}
+  args = ["--dry-run", subcommand] + (["--config=configs/pretrain.py:base"] if subcommand == "run" else [])
+  result = _run(TPU_SH, *args, env=env)
+  assert result.returncode != 0
+  assert f"{missing} is not set" in result.stderr
+  assert "gcloud" not in result.stdout
+
+
+def test_run_without_config_and_bad_arguments_fail():
+  no_config = _run(TPU_SH, "--dry-run", "run", env=TPU_ENV)
+  assert no_config.returncode != 0 and "CONFIG is not set" in no_config.stderr
+  assert _run(TPU_SH, "--dry-run", env=TPU_ENV).returncode != 0
+  bogus = _run(TPU_SH, "--dry-run", "frobnicate", env=TPU_ENV)
+  assert bogus.returncode != 0 and "unknown argument 'frobnicate'" in bogus.stderr
+  misplaced = _run(TPU_SH, "--dry-run", "setup", "--", "--config.x=1", env=TPU_ENV)
+  assert misplaced.returncode != 0 and "only apply to 'run'" in misplaced.stderr
+
+
+def test_without_dry_run_gcloud_is_required(tmp_path):
+  # A PATH holding only the tools the script needs before its gcloud check, so that a gcloud
+  # installed on this machine is never actually called.
+  for tool in ("dirname", "tr"):
+    (tmp_path / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True,
+                                                check=True).stdout.strip())
+  result = _run(TPU_SH, "setup", env={**TPU_ENV, "PATH": str(tmp_path)})
+  assert result.returncode != 0 and "gcloud is not installed" in result.stderr
+
+
+def test_gpu_dry_run(sha):
+  result = _run(GPU_SH, "--dry-run", "--config=configs/pretrain.py:base", "--workdir=/tmp/geomeld-gpu", "--",
+                *OVERRIDES, env={"XLA_FLAGS": "--xla_dump_to=/tmp/dump"})
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert f"git_sha: {sha}" in out
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out
+  assert "--xla_dump_to=/tmp/dump" in out  # the caller's XLA flags are kept, after the defaults
+  assert ("python -m geomeld_jax.main --config=configs/pretrain.py:base --workdir=/tmp/geomeld-gpu "
+          + " ".join(OVERRIDES)) in out
+  assert "GEOMELD_DISTRIBUTED" not in out  # one process drives all local GPUs
+  assert not pathlib.Path("/tmp/geomeld-gpu/launch").exists()
+
+
+def test_gpu_missing_workdir_fails_clearly():
+  result = _run(GPU_SH, "--dry-run", "--config=configs/pretrain.py:base")
+  assert result.returncode != 0 and "WORKDIR is not set" in result.stderr
