@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       # Build the synthetic demo dataset into data_dir when nothing is there (smoke only:
       # a real run must never silently train on synthetic data).
       build_demo_if_missing=smoke,
-      demo_num_samples=256,
+      demo_num_samples=512,  # 32 clusters of 16 tiles: enough blocks for a val split
       train_split="train",
       eval_split="val",
       global_batch_size=8 if smoke else 4096,
@@ -93,6 +93,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # --- Logging, evaluation, checkpoints ----------------------------------------------------
   config.log_every = 10 if smoke else 100
+  # Console shows these (regex); TensorBoard gets every metric (weights, counts, norms...).
+  config.console_metrics = r"^(eval/)?loss|^lr$|^grad_norm$|i2t_top1|jepa/target_std"
   config.eval_every = 100 if smoke else 5_000
   config.checkpoint_every = 100 if smoke else 2_000
   config.keep_checkpoints = 2 if smoke else 3

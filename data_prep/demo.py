@@ -26,10 +26,13 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 256, "Synthetic samples to ge
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic samples and of the split hash.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1000, "Tokenizer vocabulary (small corpus).")
 _BLOCK_SIZE_M = flags.DEFINE_float("block_size_m", 10_000.0, "Spatial block size in metres.")
+_CAPTIONER = flags.DEFINE_string("captioner", "agentic",
+                                 "Caption stage: agentic (offline agents), llm or passthrough.")
 
 
 def build_demo(output_dir: str, num_samples: int = 256, seed: int = 0, vocab_size: int = 1000,
-               block_size_m: float = 10_000.0, beam_args: tuple[str, ...] = ()) -> str:
+               block_size_m: float = 10_000.0, beam_args: tuple[str, ...] = (),
+               captioner: str = "agentic") -> str:
   """Ensures the demo dataset exists; returns the text summary."""
   shard_dir = os.path.join(output_dir, "synthetic_shards")
   expected = -(-num_samples // 64)
@@ -39,6 +42,7 @@ def build_demo(output_dir: str, num_samples: int = 256, seed: int = 0, vocab_siz
     synthetic.write_release_shards(shard_dir, num_samples, samples_per_shard=64, seed=seed)
   config = pipeline.BuildConfig(
       sources=(f"synthetic:{shard_dir}",), output_dir=output_dir, vocab_size=vocab_size,
+      captioner=captioner,
       split=splits.SplitConfig(block_size_m=block_size_m, seed=seed), overwrite=True)
   if writer.is_complete(config.dataset_dir):
     with open(os.path.join(config.dataset_dir, "manifest.json")) as f:
@@ -51,7 +55,8 @@ def main(argv: list[str]) -> None:
   if not _OUTPUT_DIR.value:
     raise app.UsageError("--output_dir is required")
   print(build_demo(_OUTPUT_DIR.value, _NUM_SAMPLES.value, _SEED.value, _VOCAB_SIZE.value,
-                   _BLOCK_SIZE_M.value, tuple(a for a in argv[1:] if a != "--")))
+                   _BLOCK_SIZE_M.value, tuple(a for a in argv[1:] if a != "--"),
+                   _CAPTIONER.value))
 
 
 if __name__ == "__main__":

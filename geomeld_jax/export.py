@@ -3,8 +3,10 @@ r"""Export the pretrained encoder for evaluation: an encoder-only Orbax checkpoi
   python -m geomeld_jax.export --workdir=DIR [--step=N]
 
 writes `DIR/export/<step>/` with `encoder/` (Orbax, the online encoder params),
-`ema_encoder/` (the JEPA teacher, when the run had one) and `model_config.json` (every
-GeoMeldFMConfig field plus the band order the encoder expects). `load_encoder` reads it back.
+`ema_encoder/` (the JEPA teacher, when the run had one), `itc/` (text encoder, vision
+projection and temperature, when the run had ITC: what retrieval needs) and
+`model_config.json` (every GeoMeldFMConfig field plus the band order the encoder expects).
+`load_encoder` reads an encoder back; `load_itc_model` the whole GeoMeldFM with those towers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from geomeld_jax.models import convnextv2
 from geomeld_jax.models import geomeld
 
 EXPORT_SUBDIR = "export"
+ITC_PARAMS = ("text_encoder", "vision_norm", "vision_proj", "logit_scale", "logit_bias")
 
 
 def _model_config_from_workdir(workdir: epath.Path) -> geomeld.GeoMeldFMConfig:
@@ -73,6 +76,10 @@ def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> ep
   trees = {"encoder": nnx.to_pure_dict(geomeld.encoder_params(state["params"]))}
   if mcfg.jepa:
     trees["ema_encoder"] = nnx.to_pure_dict(state["ema_params"])
+  if mcfg.itc:  # the towers retrieval needs: text encoder, vision projection, temperature
+    trees["itc"] = {k: nnx.to_pure_dict(state["params"][k]) if k != "logit_scale"
+                    else np.asarray(nnx.to_pure_dict(state["params"])[k])
+                    for k in ITC_PARAMS if k in state["params"]}
   saver = ocp.StandardCheckpointer()
   for name, tree in trees.items():
     saver.save((out / name).resolve(), tree, force=True)
@@ -102,15 +109,37 @@ def load_encoder(export_dir: str | epath.PathLike, which: str = "encoder"
   return nnx.merge(graphdef, params, rest), info
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+def load_itc_model(export_dir: str | epath.PathLike) -> tuple[geomeld.GeoMeldFM, dict[str, Any]]:
+  """A GeoMeldFM whose encoder and ITC towers come from an export (for retrieval/embedding).
+
+  Decoders and the JEPA predictor stay at their (unused) initial values.
+  """
+  export_dir = epath.Path(export_dir)
+  info = json.loads((export_dir / "model_config.json").read_text())
+  if "itc" not in info["encoders"]:
+    raise ValueError(f"{export_dir} was exported from a run without ITC: no text tower")
+  tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v  # noqa: E731
+  mcfg = geomeld.GeoMeldFMConfig(**{k: tup(v) for k, v in info["model"].items()})
+  model = geomeld.build(mcfg, jax.random.key(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  pure = nnx.to_pure_dict(params)
+  checkpointer = ocp.StandardCheckpointer()
+  pure["encoder"] = checkpointer.restore((export_dir / "encoder").resolve(),
+                                         jax.tree.map(np.asarray, pure["encoder"]))
+  itc_target = {k: jax.tree.map(np.asarray, pure[k]) for k in ITC_PARAMS if k in pure}
+  pure.update(checkpointer.restore((export_dir / "itc").resolve(), itc_target))
+  nnx.replace_by_pure_dict(params, pure)
+  return nnx.merge(graphdef, params, rest), info
 
 
 def main(argv):
   del argv
-  print(export_encoder(_WORKDIR.value, _STEP.value))
+  print(export_encoder(flags.FLAGS.workdir, flags.FLAGS.step))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: train.py imports this module under main.py's own flags.
+  flags.DEFINE_string("workdir", None, "Training workdir to export from.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

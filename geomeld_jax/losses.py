@@ -46,14 +46,23 @@ def _masked_mean(values: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.A
 # ----------------------------------------------------------------------------------------
 
 
+def _reshape_keep_batch(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Reshape that keeps the batch axis' sharding (Explicit meshes need it spelled out)."""
+  spec = jax.typeof(x).sharding.spec
+  if spec and spec[0] is not None and all(s is None for s in spec[1:]):
+    out = jax.sharding.PartitionSpec(spec[0], *([None] * (len(shape) - 1)))
+    return jnp.reshape(x, shape, out_sharding=out)
+  return jnp.reshape(x, shape)
+
+
 def patchify(x: jax.Array, patch: int) -> jax.Array:
   """(B, H, W, C) -> (B, H/p, W/p, p*p*C), each patch ordered (row, col, channel)."""
   b, h, w, c = x.shape
   if h % patch or w % patch:
     raise ValueError(f"patchify: image {h}x{w} is not divisible by patch {patch}")
   gh, gw = h // patch, w // patch
-  x = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh, gw, patch * patch * c)
+  x = _reshape_keep_batch(x, (b, gh, patch, gw, patch, c)).transpose(0, 1, 3, 2, 4, 5)
+  return _reshape_keep_batch(x, (b, gh, gw, patch * patch * c))
 
 
 def unpatchify(patches: jax.Array, patch: int, channels: int) -> jax.Array:
@@ -61,8 +70,8 @@ def unpatchify(patches: jax.Array, patch: int, channels: int) -> jax.Array:
   b, gh, gw, d = patches.shape
   if d != patch * patch * channels:
     raise ValueError(f"unpatchify: last axis {d} != patch^2 * channels = {patch}^2 * {channels}")
-  x = patches.reshape(b, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * patch, gw * patch, channels)
+  x = _reshape_keep_batch(patches, (b, gh, gw, patch, patch, channels))
+  return _reshape_keep_batch(x.transpose(0, 1, 3, 2, 4, 5), (b, gh * patch, gw * patch, channels))
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,7 +147,8 @@ def pixel_ce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   b, gh, gw, d = logits.shape
   num_classes = d // (patch * patch)
   lp = patchify(labels[..., None], patch)  # (B, gh, gw, p*p)
-  logp = jax.nn.log_softmax(logits.astype(F32).reshape(b, gh, gw, patch * patch, num_classes))
+  logp = jax.nn.log_softmax(
+      _reshape_keep_batch(logits.astype(F32), (b, gh, gw, patch * patch, num_classes)))
   weight = (lp >= 0) & (lp < num_classes) & mask[..., None]
   # one_hot + sum compiles faster than integer gather on CPU (environment.md).
   nll = -jnp.sum(jax.nn.one_hot(jnp.where(weight, lp, 0), num_classes, dtype=F32) * logp, -1)
@@ -251,22 +261,23 @@ def clip_loss(img: jax.Array, txt: jax.Array, logit_scale: jax.Array,
       from the softmax (so they are neither positives nor negatives).
 
   Returns:
-    (0.5 * (mean_i CE_i2t + mean_t CE_t2i) over valid samples, number of valid samples).
+    (0.5 * (mean_i CE_i2t + mean_t CE_t2i) over valid samples, number of valid samples, or 0
+    when fewer than 2 samples have a caption: with no negative the loss is identically 0,
+    so the term is reported absent and `combine_losses` skips it).
   """
   b = img.shape[0]
   valid = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
-  scale = jnp.exp(logit_scale.astype(F32))
-  logits = scale * similarity(img, txt)
+  logits = jnp.exp(logit_scale.astype(F32)) * similarity(img, txt)
   pair = valid[:, None] & gather_batch(valid)[None, :]
   logits = jnp.where(pair, logits, _MASKED_LOGIT)
-  # The positives row by row (not jnp.diagonal: a gather that explicit sharding rejects).
-  positive = scale * jnp.sum(img.astype(F32) * txt.astype(F32), axis=-1)
-  diag = jnp.where(valid, positive, _MASKED_LOGIT)
+  # The positives, read off the same matrix so that lse - diag is exact (a single caption
+  # gives exactly 0). Not jnp.diagonal: that is a gather Explicit sharding rejects.
+  diag = jnp.sum(jnp.where(jnp.eye(b, dtype=bool), logits, 0.0), axis=1)
   ce_i2t = jax.nn.logsumexp(logits, axis=1) - diag
   ce_t2i = jax.nn.logsumexp(logits, axis=0) - diag
   loss_i2t, count = _masked_mean(ce_i2t, valid)
   loss_t2i, _ = _masked_mean(ce_t2i, valid)
-  return 0.5 * (loss_i2t + loss_t2i), count
+  return 0.5 * (loss_i2t + loss_t2i), jnp.where(count >= 2, count, 0.0)
 
 
 def siglip_loss(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array,

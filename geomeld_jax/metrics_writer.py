@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import pathlib
 import platform
 import subprocess
@@ -43,13 +44,16 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int, is_host0: bool, *,
-               global_batch_size: int | None = None, clock: Callable[[], float] = time.monotonic):
+               global_batch_size: int | None = None, console_filter: str = "",
+               clock: Callable[[], float] = time.monotonic):
     if total_steps <= 0:
       raise ValueError(f"total_steps must be positive, got {total_steps}")
     self.total_steps = total_steps
     self.is_host0 = is_host0
     self.global_batch_size = global_batch_size
     self._clock = clock
+    # Every scalar goes to TensorBoard; the console line shows those matching this regex.
+    self._console = re.compile(console_filter) if console_filter else None
     self._last: tuple[int, float] | None = None
     self._writer = None
     if is_host0:
@@ -82,7 +86,8 @@ class MetricWriter:
       self._writer.add_scalar(name, value, global_step=step)
     parts = [f"step {step}/{self.total_steps}"]
     parts += [f"{name} {_format_value(value)}" for name, value in values.items()
-              if name not in ("steps_per_sec", "samples_per_sec")]
+              if name not in ("steps_per_sec", "samples_per_sec")
+              and (self._console is None or self._console.search(name))]
     if "samples_per_sec" in values:
       parts.append(f"{values['samples_per_sec']:.1f} samples/s")
     elif "steps_per_sec" in values:

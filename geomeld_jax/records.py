@@ -80,13 +80,15 @@ def check_example(example: Mapping[str, Any], tile_size: int = mod.TILE_SIZE) ->
 class Normalizer:
   """Per-band z-scoring with the build's statistics (``statistics.json``).
 
-  Statistics are in physical units; `normalize` works from stored values directly
-  (``(stored * scale + offset - mean) / std`` folded into one multiply-add per band).
+  Statistics are in physical units; normalisation works from stored values directly
+  (``(stored * scale + offset - mean) / std`` folded into one multiply-add per band), with
+  numpy on the host or jax.numpy inside the jitted train step (where it is free, and the host
+  ships compact integers instead of float32 + masks).
   """
 
   def __init__(self, statistics: Mapping[str, Any]):
-    self._mul: dict[str, np.ndarray] = {}
-    self._add: dict[str, np.ndarray] = {}
+    self.mul: dict[str, np.ndarray] = {}
+    self.add: dict[str, np.ndarray] = {}
     for m in mod.PIXEL_MODALITIES.values():
       if m.normalization is not mod.Normalization.ZSCORE:
         continue
@@ -102,40 +104,64 @@ class Normalizer:
       # value never matters; keep the arithmetic finite.
       mean = np.where(np.isfinite(mean), mean, 0.0)
       std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
-      self._mul[m.name] = (m.band_scale() / std).astype(np.float32)
-      self._add[m.name] = ((m.band_offset() - mean) / std).astype(np.float32)
+      self.mul[m.name] = (m.band_scale() / std).astype(np.float32)
+      self.add[m.name] = ((m.band_offset() - mean) / std).astype(np.float32)
 
   @classmethod
   def from_file(cls, path) -> "Normalizer":
     with open(path) as f:
       return cls(json.load(f))
 
-  def normalize(self, name: str, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  @classmethod
+  def identity(cls) -> "Normalizer":
+    """Physical values unchanged (mean 0, std 1): for benchmarks and tests without a build."""
+    return cls({m.name: {"bands": list(m.bands), "mean": [0.0] * m.num_bands,
+                         "std": [1.0] * m.num_bands}
+                for m in mod.PIXEL_MODALITIES.values()})
+
+  def normalize(self, name: str, stored, xp=np):
     """Stored (..., H, W, C) -> (normalised float32 with 0 at no-data, valid bool)."""
     m = mod.pixel_modality(name)
     valid = stored != m.nodata_stored
-    x = stored.astype(np.float32) * self._mul[name] + self._add[name]
-    x *= valid  # no-data -> exactly 0 (the dataset mean), and flagged invalid
-    return x, valid
+    x = stored.astype(xp.float32) * self.mul[name] + self.add[name]
+    return xp.where(valid, x, xp.float32(0.0)), valid
+
+
+def model_inputs(stored: Mapping[str, Any], normalizer: Normalizer, xp=np) -> dict[str, Any]:
+  """Stored pixel arrays (see `decode_storage`, batched or not) -> the model's batch contract.
+
+  For each regression modality ``name`` (float32 (..., H, W, C), normalised, 0 where invalid)
+  and ``name_valid`` (bool); for each class modality ``name`` (int32 (..., H, W), -1 at no
+  data). Every other entry passes through. `xp` is numpy on the host, jax.numpy in the step.
+  """
+  out = dict(stored)
+  for m in mod.PIXEL_MODALITIES.values():
+    s = stored[m.name]
+    if m.is_classes:
+      c = s[..., 0]
+      out[m.name] = xp.where(c == mod.CLASS_NODATA, mod.CLASS_IGNORE, c.astype(xp.int32))
+    else:
+      out[m.name], out[f"{m.name}_valid"] = normalizer.normalize(m.name, s, xp)
+  return out
+
+
+def decode_storage(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """A record as read by tfds/grain -> stored pixel arrays (H, W, C) + image-level targets.
+
+  Cheap (no float conversion): what the input pipeline ships to the device.
+  """
+  out = {m.name: np.asarray(record[m.name]) for m in mod.PIXEL_MODALITIES.values()}
+  out.update(image_targets(record))
+  return out
 
 
 def decode(record: Mapping[str, Any], normalizer: Normalizer) -> dict[str, np.ndarray]:
-  """A record as read by tfds/grain -> model-ready numpy arrays.
+  """A record -> model-ready numpy arrays on the host (`model_inputs` of `decode_storage`).
 
-  Returns the keys the model consumes: for each regression modality ``name`` (float32
-  (H, W, C), normalised, 0 where invalid) and ``name_valid`` (bool (H, W, C)); for each class
-  modality ``name`` (int32 (H, W), -1 at no data); for each image target ``name`` (float32
-  (dims,)) with ``name_valid`` (bool ()), or int32 () with -1 for unknown classes.
+  Image targets: ``name`` (float32 (dims,)) with ``name_valid`` (bool ()), or int32 () with
+  -1 for unknown classes.
   """
-  out: dict[str, np.ndarray] = {}
-  for m in mod.PIXEL_MODALITIES.values():
-    stored = np.asarray(record[m.name])
-    if m.is_classes:
-      out[m.name] = mod.class_targets(stored)
-    else:
-      out[m.name], out[f"{m.name}_valid"] = normalizer.normalize(m.name, stored)
-  out.update(image_targets(record))
-  return out
+  return model_inputs(decode_storage(record), normalizer)
 
 
 def _text(v) -> str:

@@ -13,7 +13,6 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +23,6 @@ from geomeld_jax import input_pipeline
 from geomeld_jax import metrics_writer
 from geomeld_jax import sharding
 from geomeld_jax import train_step as ts
-from geomeld_jax.models import geomeld
 
 # Config keys a checkpoint must agree on to be resumed (schedules and logging may change).
 RESUME_KEYS = ("model", "seed", "input.crop_size", "input.text_len", "input.global_batch_size",
@@ -60,8 +58,16 @@ def _check_finite(step: int, metrics: dict[str, float], workdir: epath.Path) -> 
                            f"{path}; the last good checkpoint is kept untouched.")
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Runs (or resumes) pretraining; returns the last logged training metrics."""
+def train_and_evaluate(config, workdir: str | pathlib.Path, *,
+                       stop_after: int | None = None) -> dict[int, dict[str, float]]:
+  """Runs (or resumes) pretraining; returns the logged training metrics by step.
+
+  Args:
+    config: a configs/pretrain.py config.
+    workdir: run directory (checkpoints, TensorBoard, config, export).
+    stop_after: stop after this step as a preempted job would (checkpoint, no export); a
+      later call resumes. For time-boxed jobs and the resume tests.
+  """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_host0 = jax.process_index() == 0
@@ -74,15 +80,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   if is_host0:
     metrics_writer.write_run_info(workdir, config)
   writer = metrics_writer.MetricWriter(workdir, config.total_steps, is_host0,
-                                       global_batch_size=config.input.global_batch_size)
+                                       global_batch_size=config.input.global_batch_size,
+                                       console_filter=config.console_metrics)
 
   ##########################################################################################
   # Mesh, model, optimizer, sharded state                                                  #
   ##########################################################################################
   mesh = sharding.make_mesh(config.mesh)
   per_host_batch = sharding.per_process_batch_size(config.input.global_batch_size, mesh)
-  setup = ts.setup(config, mesh)
-  mcfg = setup.model_def.config
   logging.info("mesh %s; global batch %d (%d per host)", dict(mesh.shape),
                config.input.global_batch_size, per_host_batch)
 
@@ -90,6 +95,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   # Input pipeline                                                                         #
   ##########################################################################################
   files = _dataset(config)
+  normalizer = input_pipeline.normalizer(files)
+  setup = ts.setup(config, mesh, normalizer)
+  mcfg = setup.model_def.config
   data_kw = dict(global_batch_size=config.input.global_batch_size,
                  crop_size=config.input.crop_size, text_len=config.input.text_len,
                  seed=config.seed, process_index=jax.process_index(),
@@ -100,7 +108,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   first = next(iter(input_pipeline.make_dataset(files, config.input.train_split, train=True,
                                                 **data_kw)))
   # Checked in plain Python before anything compiles: a wrong key fails here, by name.
-  geomeld.check_batch(mcfg, {k: np.asarray(v) for k, v in first.items()})
+  ts.check_batch(mcfg, normalizer, first)
   if mcfg.itc:
     if not files.tokenizer.is_file():
       raise ValueError(f"ITC is on but {files.root} has no tokenizer.model (no captions?)")
@@ -144,25 +152,27 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     if n:
       writer.write_scalars(step, {f"eval/{k}": v / n for k, v in sums.items()})
 
-  last: dict[str, float] = {}
+  history: dict[int, dict[str, float]] = {}
   t0 = time.monotonic()
   for step in range(first_step + 1, config.total_steps + 1):
     batch = sharding.put_batch(next(train_iter), mesh)  # explicit, allowed by the guard
     with jax.transfer_guard(config.transfer_guard):  # no implicit copy inside the step
       state, metrics = setup.train_step(state, batch)
-    log_now = step % config.log_every == 0 or step == config.total_steps
-    save_now = ckpt.should_save(step) or step == config.total_steps
+    final = step == config.total_steps or step == stop_after
+    log_now = step % config.log_every == 0 or final
+    save_now = ckpt.should_save(step) or final
     if log_now or save_now:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(step, last, workdir)  # before any save: never checkpoint a NaN state
+      history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _check_finite(step, history[step], workdir)  # before any save: never save a NaN state
     if log_now:
-      writer.write_scalars(step, last)
+      writer.write_scalars(step, history[step])
     if save_now:
-      ckpt.maybe_save(step, state, train_iter, force=step == config.total_steps)
-    if ckpt.reached_preemption(step):
-      logging.warning("preemption notice at step %d: saved, exiting", step)
+      ckpt.maybe_save(step, state, train_iter, force=final)
+    if ckpt.reached_preemption(step) or step == stop_after:
+      logging.warning("stopping after step %d (preemption or stop_after): saved", step)
       ckpt.wait_until_finished()
-      return last
+      writer.close()
+      return history
     if step % config.eval_every == 0 or step == config.total_steps:
       evaluate(step)
   ckpt.wait_until_finished()
@@ -177,4 +187,4 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     from geomeld_jax import export  # pylint: disable=g-import-not-at-top
 
     export.export_encoder(workdir, step=config.total_steps)
-  return last
+  return history

@@ -17,11 +17,13 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from geomeld_jax import modalities as mod
 from geomeld_jax import optim
+from geomeld_jax import records
 from geomeld_jax import sharding
 from geomeld_jax.models import geomeld
 from geomeld_jax.models import jepa
@@ -57,8 +59,12 @@ class TrainSetup:
   schedule: optax.Schedule
 
 
-def setup(config, mesh: Mesh) -> TrainSetup:
-  """Builds the model definition, optimizer, shardings and the jitted init/train/eval steps."""
+def setup(config, mesh: Mesh, normalizer: records.Normalizer) -> TrainSetup:
+  """Builds the model definition, optimizer, shardings and the jitted init/train/eval steps.
+
+  The steps take batches in storage form (input_pipeline) and normalise them on device with
+  `normalizer` (the build's statistics, baked into the compiled step as constants).
+  """
   mcfg = model_config(config)
   tx, schedule = optim.make_optimizer(config.optim)
   seed = int(config.seed)
@@ -83,6 +89,7 @@ def setup(config, mesh: Mesh) -> TrainSetup:
   batch_sh = sharding.batch_sharding(mesh)
 
   def train_step(state, batch):
+    batch = records.model_inputs(batch, normalizer, jnp)
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(seed), step)
     ema = state["ema_params"] if mcfg.jepa else None
@@ -107,6 +114,7 @@ def setup(config, mesh: Mesh) -> TrainSetup:
     return new_state, metrics
 
   def eval_step(state, batch, index):
+    batch = records.model_inputs(batch, normalizer, jnp)
     # Fixed masks per eval batch index: held-out losses are comparable across evaluations.
     rng = jax.random.fold_in(jax.random.key(seed + 1), index)
     ema = state["ema_params"] if mcfg.jepa else None
@@ -122,26 +130,51 @@ def setup(config, mesh: Mesh) -> TrainSetup:
                     schedule=schedule)
 
 
-def synthetic_batch(mcfg: geomeld.GeoMeldFMConfig, batch_size: int, size: int,
-                    text_len: int, seed: int = 0) -> dict[str, Any]:
-  """A random host batch matching the batch contract (benchmarks, AOT and tests)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def _synthetic_range(m: mod.PixelModality) -> tuple[np.ndarray, np.ndarray]:
+  lo = m.band_valid_range()[:, 0]
+  return lo, np.minimum(m.band_valid_range()[:, 1] - lo, 1000.0)
 
-  rng = np.random.default_rng(seed)
-  out: dict[str, Any] = {}
-  for key, (shape, kind) in geomeld.batch_spec(mcfg, batch_size, size, size).items():
-    if kind == "float":
-      out[key] = rng.normal(size=shape).astype(np.float32)
-    elif kind == "bool":
-      out[key] = np.ones(shape, bool)
-    else:  # class targets: in range for every class map and image-level class target
-      num_classes = min([m.num_classes for m in mod.PIXEL_MODALITIES.values() if m.is_classes]
-                        + [t.num_classes for t in mod.IMAGE_TARGETS.values() if t.num_classes])
-      out[key] = rng.integers(-1, num_classes, size=shape).astype(np.int32)
-  if mcfg.itc:
-    tokens = rng.integers(3, mcfg.text_vocab_size, size=(batch_size, text_len)).astype(np.int32)
-    tokens[:, -1] = 1  # EOS
-    out["text_tokens"] = tokens
-    out["has_caption"] = np.ones(batch_size, bool)
+
+def synthetic_statistics() -> dict[str, Any]:
+  """Statistics matching `synthetic_batch` (uniform values), for `records.Normalizer`."""
+  out = {}
+  for m in mod.PIXEL_MODALITIES.values():
+    lo, width = _synthetic_range(m)
+    out[m.name] = {"bands": list(m.bands), "mean": list(lo + width / 2),
+                   "std": list(width / np.sqrt(12.0))}
   return out
 
+
+def synthetic_batch(mcfg: geomeld.GeoMeldFMConfig, batch_size: int, size: int,
+                    text_len: int, seed: int = 0) -> dict[str, Any]:
+  """A random host batch in storage form, as input_pipeline yields (benchmarks and tests)."""
+  rng = np.random.default_rng(seed)
+  out: dict[str, Any] = {}
+  for m in mod.PIXEL_MODALITIES.values():
+    shape = (batch_size, size, size, m.num_bands)
+    if m.is_classes:
+      codes = rng.integers(0, m.num_classes, size=shape)
+      out[m.name] = np.where(rng.random(shape) < 0.05, mod.CLASS_NODATA, codes).astype(np.uint8)
+    else:
+      lo, width = _synthetic_range(m)
+      physical = lo + rng.random(shape) * width
+      out[m.name] = np.stack([mod.to_storage(m, p)[0] for p in physical])
+  for t in mod.IMAGE_TARGETS.values():
+    if t.kind is mod.TargetKind.IMAGE_CLASSES:
+      out[t.name] = rng.integers(-1, t.num_classes, size=batch_size).astype(np.int32)
+    else:
+      out[t.name] = rng.uniform(-1, 1, size=(batch_size, t.dims)).astype(np.float32)
+      out[f"{t.name}_valid"] = rng.random(batch_size) < 0.9
+  tokens = rng.integers(3, mcfg.text_vocab_size, size=(batch_size, text_len)).astype(np.int32)
+  tokens[:, -1] = 1  # sticky EOS
+  out["text_tokens"] = tokens
+  out["has_caption"] = np.ones(batch_size, bool)
+  return out
+
+
+def check_batch(mcfg: geomeld.GeoMeldFMConfig, normalizer: records.Normalizer,
+                host_batch: Mapping[str, Any]) -> None:
+  """The model's batch check, on what the step will see after on-device normalisation."""
+  abstract = jax.eval_shape(lambda b: records.model_inputs(b, normalizer, jnp),
+                            {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()})
+  geomeld.check_batch(mcfg, abstract)

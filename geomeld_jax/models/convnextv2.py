@@ -131,20 +131,26 @@ class GRN(nnx.Module):
   zero, so GRN starts as the identity.
   """
 
-  def __init__(self, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-    del rngs  # zero init needs no randomness; accepted for a uniform constructor.
+  def __init__(self, dim: int, *, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    """dtype: output dtype (None: the input's); rngs is unused (zero init)."""
+    del rngs
+    self.dtype = dtype
     self.gamma = nnx.Param(jnp.zeros((dim,), param_dtype))
     self.beta = nnx.Param(jnp.zeros((dim,), param_dtype))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x (B, H, W, C); mask (B, H, W, 1), 1 = masked: statistics use visible sites only."""
+    """x (B, H, W, C); mask (B, H, W, 1) bool/float, 1 = MASKED (the FCMAE convention).
+
+    With a mask, Gx sums over the visible (mask == 0) positions only.
+    """
     x32 = x.astype(jnp.float32)
     visible = x32 if mask is None else _zero_masked(x32, _as_bool_mask(mask))
     gx = jnp.sqrt(jnp.sum(jnp.square(visible), axis=(1, 2), keepdims=True) + GRN_EPS)
     nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + GRN_EPS)
     gamma = self.gamma[...].astype(jnp.float32)
     beta = self.beta[...].astype(jnp.float32)
-    return (gamma * (x32 * nx) + beta + x32).astype(x.dtype)
+    return (gamma * (x32 * nx) + beta + x32).astype(self.dtype or x.dtype)
 
 
 class Block(nnx.Module):
@@ -160,7 +166,7 @@ class Block(nnx.Module):
                            feature_group_count=dim, **common)
     self.norm = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pwconv1 = nnx.Linear(dim, 4 * dim, **common)
-    self.grn = GRN(4 * dim, param_dtype=param_dtype)
+    self.grn = GRN(4 * dim, dtype=dtype, param_dtype=param_dtype)
     self.pwconv2 = nnx.Linear(4 * dim, dim, **common)
     # Per-sample stochastic depth: one Bernoulli per sample, scaled by 1/keep (timm DropPath).
     self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -284,11 +290,14 @@ class ConvNeXtV2(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, list[jax.Array]]:
+               rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """Encodes x (B, H, W, in_chans); mask (B, H/stride, W/stride), 1 = masked, or None.
 
     Returns (final map (B, H/stride, W/stride, dims[-1]), [the four stage outputs]).
-    With a mask, masked sites are zero in every returned map.
+    With a mask, masked sites are zero in every returned map. ``rngs`` (optional) drives
+    drop path when ``deterministic`` is False: an ``nnx.Rngs`` or a key (folded with the
+    block index, so blocks draw independently); without it the streams given at
+    construction are used.
     """
     self._check_inputs(x, mask)
     grid_mask = None if mask is None else _as_bool_mask(mask)
@@ -305,6 +314,7 @@ class ConvNeXtV2(nnx.Module):
       x = _zero_masked(x, mask_at(self.stride))  # sparse semantics at full resolution
       x = self.stem_patch_norm(self.stem_patch_conv(x))
     stage_outputs = []
+    block_index = 0
     for i in range(num_stages):
       stage_mask = mask_at(2 ** (num_stages - 1 - i))
       if i > 0:
@@ -313,7 +323,11 @@ class ConvNeXtV2(nnx.Module):
         x = self.downsample_convs[i - 1](self.downsample_norms[i - 1](x))
       x = _zero_masked(x, stage_mask)
       for block in self.stages[i]:
-        x = block(x, stage_mask, deterministic=deterministic, rngs=rngs)
+        block_rngs = rngs
+        if isinstance(rngs, jax.Array):  # one raw key would give every block the same draw
+          block_rngs = jax.random.fold_in(rngs, block_index)
+        x = block(x, stage_mask, deterministic=deterministic, rngs=block_rngs)
+        block_index += 1
       stage_outputs.append(x)
     return x, stage_outputs
 

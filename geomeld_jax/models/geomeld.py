@@ -362,7 +362,8 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
       terms["itc"] = losses.siglip_loss(img, txt, logit_scale, model.logit_bias[...], has_caption)
       metrics["logit_bias"] = model.logit_bias[...]
     metrics["logit_scale"] = logit_scale
-    sim = jnp.where(losses.gather_batch(has_caption)[None, :], losses.similarity(img, txt), -jnp.inf)
+    captioned_cols = losses.gather_batch(has_caption)[None, :]
+    sim = jnp.where(captioned_cols, losses.similarity(img, txt), -jnp.inf)
     hit = (jnp.argmax(sim, axis=1) == jnp.arange(b)) & has_caption
     metrics["itc/i2t_top1"] = (jnp.sum(hit.astype(jnp.float32))
                                / jnp.maximum(jnp.sum(has_caption.astype(jnp.float32)), 1.0))

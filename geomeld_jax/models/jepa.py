@@ -57,12 +57,13 @@ def _block_size(key: jax.Array, grid_h: int, grid_w: int, scale: tuple[float, fl
 def _place_block(key: jax.Array, hw: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
   """A (grid_h, grid_w) bool block of size hw at a uniform top-left corner.
 
-  randint's upper bound is exclusive, so grid - size + 1 makes the last row and column
-  reachable (the bug of ijepa PR #40 / #59).
+  The corner is uniform over 0..grid - size INCLUSIVE, so the last row and column are
+  reachable (ijepa's exclusive randint(0, H - h) never reaches them: PR #40 / #59).
+  floor(u * n) instead of randint with a traced bound: same distribution, far less to compile.
   """
-  k_top, k_left = jax.random.split(key)
-  top = jax.random.randint(k_top, (), 0, grid_h - hw[0] + 1)
-  left = jax.random.randint(k_left, (), 0, grid_w - hw[1] + 1)
+  u = jax.random.uniform(key, (2,))
+  slots = jnp.stack([grid_h, grid_w]) - hw + 1
+  top, left = jnp.minimum(jnp.floor(u * slots).astype(jnp.int32), slots - 1)
   rows = jnp.arange(grid_h)[:, None]
   cols = jnp.arange(grid_w)[None, :]
   return (rows >= top) & (rows < top + hw[0]) & (cols >= left) & (cols < left + hw[1])

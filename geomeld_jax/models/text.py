@@ -16,6 +16,15 @@ F32 = jnp.float32
 _MASKED = -1e9  # finite: a row with no allowed key (an empty caption) stays NaN-free
 
 
+def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """table[tokens]; on an Explicit mesh the rows follow the tokens' batch sharding."""
+  spec = jax.typeof(tokens).sharding.spec
+  if spec and any(s is not None for s in spec):
+    out = jax.sharding.PartitionSpec(*spec, None)
+    return table.at[tokens].get(out_sharding=out)
+  return jnp.take(table, tokens, axis=0)
+
+
 class _Attention(nnx.Module):
   """Multi-head self-attention with a boolean (B, 1, L, L) allow-mask; f32 softmax."""
 
@@ -84,9 +93,8 @@ class TextEncoder(nnx.Module):
     self.pooling = pooling
     self.pad_id = pad_id
     self.dtype = dtype
-    self.token_embedding = nnx.Embed(vocab_size, width,
-                                     embedding_init=nnx.initializers.normal(0.02),
-                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.token_embedding = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, width), param_dtype))
     self.pos_embedding = nnx.Param(
         nnx.initializers.normal(0.01)(rngs.params(), (context_length, width), param_dtype))
     self.blocks = nnx.List([
@@ -99,25 +107,32 @@ class TextEncoder(nnx.Module):
                                  kernel_init=nnx.initializers.normal(width ** -0.5),
                                  dtype=F32, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens (B, L) int32, L <= context_length, pads (pad_id) trailing -> (B, embed_dim) f32."""
+  def hidden_states(self, tokens: jax.Array) -> jax.Array:
+    """tokens (B, L) -> final-LN token states (B, L, width) in float32."""
     _, length = tokens.shape
     if length > self.context_length:
       raise ValueError(f"text_tokens length {length} exceeds the text context "
                        f"{self.context_length}")
     not_pad = tokens != self.pad_id
-    x = self.token_embedding(tokens).astype(F32)
+    x = _lookup(self.token_embedding[...], tokens).astype(F32)
     x = x + self.pos_embedding[...][:length].astype(F32)
     allow = not_pad[:, None, None, :]  # pad keys never attended
     if self.causal:
       allow = allow & jnp.tril(jnp.ones((length, length), bool))[None, None]
     for block in self.blocks:
       x = block(x, allow)
-    x = self.final_norm(x)
+    return self.final_norm(x)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens (B, L) int32, L <= context_length, pads (pad_id) trailing -> (B, embed_dim) f32."""
+    x = self.hidden_states(tokens)
+    not_pad = tokens != self.pad_id
     if self.pooling == "eos":
       # Sticky EOS: the last non-pad token is EOS. Its index, 0 for an empty caption.
       last = eos_index(tokens, self.pad_id)
-      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+      # A one-hot sum instead of take_along_axis: no gather for sharding rules to resolve.
+      pick = jnp.arange(x.shape[1])[None, :] == last[:, None]
+      pooled = jnp.sum(jnp.where(pick[..., None], x, 0.0), axis=1)
     else:
       w = not_pad.astype(F32)[..., None]
       pooled = jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from geomeld_jax import modalities
 from geomeld_jax.models import convert
-from geomeld_jax.models.convnextv2 import ConvNeXtV2
+from geomeld_jax.models.convnextv2 import ConvNeXtV2, param_count
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -300,3 +300,10 @@ def test_safetensors_reader_needs_no_torch(parity, tmp_path, monkeypatch):
     convert.load_torch_state_dict(tmp_path / "w.npz")
   with pytest.raises(FileNotFoundError):
     convert.load_torch_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_param_count_matches_timm(parity):
+  for (variant, in_chans), case in parity.items():
+    timm_count = sum(p.numel() for name, p in case["torch_model"].named_parameters()
+                     if not name.startswith("head."))
+    assert param_count(case["flax_model"]) == timm_count, (variant, in_chans)

@@ -231,6 +231,13 @@ def test_clip_loss_matches_numpy_with_missing_captions():
   assert float(count) == valid.sum()
 
 
+def test_clip_loss_single_caption_is_absent():
+  img, txt = _embeddings(b=4)
+  loss, count = losses.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(2.0),
+                                 jnp.asarray([False, True, False, False]))
+  assert float(loss) == 0.0 and float(count) == 0.0
+
+
 def test_clip_loss_constant_embeddings_is_ln_b():
   b = 16
   z = jnp.ones((b, 4)) / 2.0

@@ -1,0 +1,200 @@
+r"""Train-step benchmark: one JSON line per case, then a short table.
+
+  python -m geomeld_jax.bench --config=configs/pretrain.py:atto,full \
+      --objectives=encoder,s2_mae,mp_mae,full --batch_size=256 --steps=20
+
+Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, peak device memory, and (when grain and a built dataset are
+available: --data_dir) the input pipeline's host samples/s. Batches are synthetic and live in
+device memory, so the step is measured alone; the mesh spans every local device.
+Case 'encoder' is the plain ConvNeXtV2 forward+backward (the speed reference in
+ARCHITECTURE.md); the others are the full train step of that ablation preset.
+
+FLOPs are model FLOPs: 3x the forward pass as XLA's cost analysis counts it (forward +
+backward, the usual MFU convention). XLA's count of the compiled backward itself is printed
+too (`xla_step_flops`), but it is inflated: it prices the weight gradient of a depthwise
+(grouped) convolution like a dense one (measured: 40x for a 40-channel 7x7 depthwise conv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from geomeld_jax import modalities as mod
+from geomeld_jax import records
+from geomeld_jax import sharding
+from geomeld_jax import train_step as ts
+from geomeld_jax.models import convnextv2
+from geomeld_jax.models import geomeld
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py:atto,full",
+                                          "Base config; the objective is replaced per case.")
+_OBJECTIVES = flags.DEFINE_list("objectives", ["encoder", "mp_mae", "full"],
+                                "Cases: 'encoder' or ablation presets (s2_mae, mp_mae, ...).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+_CROP = flags.DEFINE_integer("crop_size", 128, "Tile size fed to the model.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per case (after 2 warm-up steps).")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "A built dataset to time the input pipeline on.")
+
+# Dense bf16 peak FLOP/s per chip, for MFU. Keyed by a substring of `device_kind`.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def _peak_flops() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+
+
+def _peak_memory() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _flops(compiled) -> float:
+  """FLOPs of one step over all devices (cost analysis describes the per-device program)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) * jax.device_count()
+
+
+def _time_steps(run, steps: int) -> float:
+  for _ in range(2):
+    jax.block_until_ready(run())
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = run()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def encoder_case(config, mesh, batch_size: int, crop: int, dtype: str, steps: int) -> dict:
+  """Plain ConvNeXtV2 forward+backward with a trivial loss (no masking, no decoder)."""
+  mcfg = ts.model_config(config)
+  model = convnextv2.ConvNeXtV2(mcfg.variant, mod.SENTINEL2.num_bands, stem=mcfg.stem,
+                                patch_size=mcfg.patch_size, dtype=jnp.dtype(dtype),
+                                rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  repl = sharding.replicated(mesh)
+  params = jax.device_put(params, repl)
+  x = jax.device_put(np.random.default_rng(0).normal(
+      size=(batch_size, crop, crop, mod.SENTINEL2.num_bands)).astype(np.float32),
+                     sharding.batch_sharding(mesh))
+
+  def loss(p, x):
+    feats, _ = nnx.merge(graphdef, p)(x.astype(dtype))
+    return jnp.mean(jnp.square(feats.astype(jnp.float32)))
+
+  step = jax.jit(jax.grad(loss), in_shardings=(repl, sharding.batch_sharding(mesh)),
+                 out_shardings=repl)
+  t0 = time.perf_counter()
+  compiled = step.lower(params, x).compile()
+  compile_s = time.perf_counter() - t0
+  forward = jax.jit(loss).lower(params, x).compile()
+  step_s = _time_steps(lambda: compiled(params, x), steps)
+  return {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
+          "xla_step_flops": _flops(compiled)}
+
+
+def train_case(config, mesh, objective: str, batch_size: int, crop: int, dtype: str,
+               steps: int) -> dict:
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    mcfg = dataclasses.asdict(geomeld.GeoMeldFMConfig.preset(
+        objective, **{k: v for k, v in cfg.model.items() if k not in ("targets", "jepa", "itc",
+                                                                      "loss_weighting")}))
+    mcfg["compute_dtype"] = dtype
+    cfg.model = mcfg
+    cfg.input.global_batch_size = batch_size
+  setup = ts.setup(cfg, mesh, records.Normalizer(ts.synthetic_statistics()))
+  host = ts.synthetic_batch(setup.model_def.config, batch_size, crop, cfg.input.text_len)
+  batch = sharding.put_batch(host, mesh)
+  state = setup.init_state()
+  t0 = time.perf_counter()
+  compiled = setup.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  index = jax.device_put(np.int32(0), sharding.replicated(mesh))
+  forward = setup.eval_step.lower(state, batch, index).compile()  # the loss, forward only
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics["loss"]
+
+  step_s = _time_steps(run, steps)
+  loss = float(jax.device_get(run()))
+  return {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
+          "xla_step_flops": _flops(compiled), "final_loss": loss}
+
+
+def input_case(data_dir: str, batch_size: int, crop: int, text_len: int, seconds: float = 10.0
+               ) -> dict:
+  from geomeld_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  files = input_pipeline.locate_dataset(data_dir)
+  it = iter(input_pipeline.make_dataset(files, "train", global_batch_size=batch_size,
+                                        crop_size=crop, text_len=text_len, seed=0, train=True))
+  next(it)
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    next(it)
+    n += 1
+  return {"input_samples_per_s_host": n * batch_size / (time.perf_counter() - t0)}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)))
+  peak = _peak_flops()
+  device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
+  rows: list[dict[str, Any]] = []
+  for objective in _OBJECTIVES.value:
+    kw = dict(batch_size=_BATCH.value, crop=_CROP.value, dtype=_DTYPE.value, steps=_STEPS.value)
+    try:
+      if objective == "encoder":
+        r = encoder_case(config, mesh, **kw)
+      else:
+        r = train_case(config, mesh, objective, **kw)
+    except Exception as e:  # a case that does not fit (e.g. OOM) is reported, not fatal
+      r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    r.update(case=objective, device=device, variant=config.model.variant,
+             batch_size=_BATCH.value, crop_size=_CROP.value, compute_dtype=_DTYPE.value,
+             peak_memory_bytes=_peak_memory())
+    if "step_s" in r:
+      r["step_ms"] = 1e3 * r["step_s"]
+      r["samples_per_s"] = _BATCH.value / r["step_s"]
+      r["flops_per_sample"] = r["flops_per_step"] / _BATCH.value
+      if peak:
+        r["mfu"] = r["flops_per_step"] / r["step_s"] / (peak * jax.device_count())
+    print(json.dumps(r), flush=True)
+    rows.append(r)
+  if _DATA_DIR.value:
+    r = input_case(_DATA_DIR.value, _BATCH.value, _CROP.value, config.input.text_len)
+    r.update(case="input_pipeline")
+    print(json.dumps(r), flush=True)
+  print(f"\n{'case':10s} {'samples/s':>10s} {'step ms':>9s} {'compile s':>10s} "
+        f"{'GFLOP/sample':>13s} {'MFU':>6s} {'peak GiB':>9s}")
+  for r in rows:
+    if "error" in r:
+      print(f"{r['case']:10s} {r['error']}")
+      continue
+    mem = r["peak_memory_bytes"]
+    print(f"{r['case']:10s} {r['samples_per_s']:10.0f} {r['step_ms']:9.1f} {r['compile_s']:10.1f} "
+          f"{r['flops_per_sample'] / 1e9:13.2f} {r.get('mfu', float('nan')):6.3f} "
+          f"{(mem or 0) / 2**30:9.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

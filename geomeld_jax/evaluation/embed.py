@@ -1,0 +1,201 @@
+r"""Embeds a dataset split or a folder of GeoTIFF tiles with an exported encoder.
+
+  python -m geomeld_jax.evaluation.embed --export_dir=runs/x/export/300 \
+      --data_dir=/data/geomeld --split=test --output=/tmp/emb/test
+  python -m geomeld_jax.evaluation.embed --export_dir=runs/x/export/300 \
+      --tiles_dir=/data/tiles --statistics=/data/geomeld/geomeld/1.0.0/statistics.json \
+      --output=/tmp/emb/tiles
+
+writes ``<output>.npy`` (float32 (N, D): mean-pooled encoder features, or the joint ITC
+embedding with ``--joint``) and ``<output>.parquet`` (row i = tile i: tile_id, lat, lon,
+date). Batches are sharded over every local device along the mesh's data axis, as in
+training (the last batch is padded and the padding dropped).
+
+GeoTIFF tiles: 12 bands in ``modalities.SENTINEL2.bands`` order, DN (reflectance x 1e4),
+(H, W, 12) or (12, H, W); DN 0 is no data. lat/lon come from the GeoTIFF tags when the
+tile is in EPSG:4326 (else NaN), the date from a ``YYYYMMDD`` or ``YYYY-MM-DD`` in the
+file name (else '').
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+
+from geomeld_jax import modalities as mod
+from geomeld_jax import records
+from geomeld_jax import sharding
+from geomeld_jax.evaluation import probe
+
+_DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
+
+
+def _tile_meta(path: pathlib.Path, tif) -> tuple[float, float, str]:
+  lat = lon = float("nan")
+  tags = tif.pages[0].tags
+  geokeys = tif.geotiff_metadata if hasattr(tif, "geotiff_metadata") else None
+  if geokeys and geokeys.get("GeographicTypeGeoKey") in (4326, "4326") or (
+      geokeys and str(geokeys.get("GeographicTypeGeoKey", "")).endswith("WGS_84")):
+    tie = tags.get("ModelTiepointTag")
+    scale = tags.get("ModelPixelScaleTag")
+    if tie is not None and scale is not None:
+      h, w = tif.pages[0].shape[:2] if tif.pages[0].shape[-1] == mod.SENTINEL2.num_bands else \
+          tif.pages[0].shape[1:3]
+      lon = float(tie.value[3] + scale.value[0] * w / 2)
+      lat = float(tie.value[4] - scale.value[1] * h / 2)
+  m = _DATE.search(path.stem)
+  date = f"{m[1]}-{m[2]}-{m[3]}" if m else ""
+  return lat, lon, date
+
+
+def read_tiles(tiles_dir: str | pathlib.Path, statistics: str | pathlib.Path
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, str, float, float, str]]:
+  """(x normalised, valid, tile_id, lat, lon, date) per GeoTIFF in a folder (sorted)."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+
+  normalizer = records.Normalizer.from_file(statistics)
+  paths = sorted(p for p in pathlib.Path(tiles_dir).iterdir()
+                 if p.suffix.lower() in (".tif", ".tiff"))
+  if not paths:
+    raise FileNotFoundError(f"no .tif/.tiff files in {tiles_dir}")
+  c = mod.SENTINEL2.num_bands
+  for p in paths:
+    with tifffile.TiffFile(p) as tif:
+      a = tif.asarray()
+      lat, lon, date = _tile_meta(p, tif)
+    if a.ndim == 3 and a.shape[0] == c and a.shape[-1] != c:
+      a = np.moveaxis(a, 0, -1)
+    if a.ndim != 3 or a.shape[-1] != c:
+      raise ValueError(f"{p}: expected a {c}-band tile (H, W, {c}) or ({c}, H, W), got {a.shape}")
+    stored, _ = mod.to_storage(mod.SENTINEL2, a.astype(np.float64))
+    x, v = normalizer.normalize(mod.INPUT_MODALITY, stored)
+    yield x, v, p.stem, lat, lon, date
+
+
+def read_split(data_dir: str, split: str, crop_size: int | None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, str, float, float, str]]:
+  from geomeld_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from geomeld_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
+
+  files = input_pipeline.locate_dataset(data_dir)
+  normalizer = records.Normalizer.from_file(files.statistics)
+  source = retrieval.split_source(files, split)
+  for i in range(len(source)):
+    rec = source[i]
+    x, v = normalizer.normalize(mod.INPUT_MODALITY, np.asarray(rec[mod.INPUT_MODALITY]))
+    if crop_size:
+      x, v = retrieval._center_crop(x, crop_size), retrieval._center_crop(v, crop_size)  # pylint: disable=protected-access
+    yield (x, v, records._text(rec["tile_id"]), float(rec["lat"]), float(rec["lon"]),  # pylint: disable=protected-access
+           records._text(rec["date"]))  # pylint: disable=protected-access
+
+
+def embed(model, items, *, batch_size: int, joint: bool = False, mesh=None
+          ) -> tuple[np.ndarray, dict[str, list]]:
+  """Embeds (x, valid, id, lat, lon, date) items in batches sharded over the mesh."""
+  mesh = mesh or sharding.make_mesh((("data", -1), ("fsdp", 1)))
+  shards = sharding.num_batch_shards(mesh)
+  if batch_size % shards:
+    batch_size += shards - batch_size % shards  # the batch axis must split over the devices
+  encoder = model.encoder if joint else model
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, x, valid):
+    m = nnx.merge(graphdef, state)
+    enc = m.encoder if joint else m
+    feats, _ = enc(jnp.where(valid, x, 0.0), deterministic=True)
+    pooled = jnp.mean(feats.astype(jnp.float32), axis=(1, 2))
+    return m.embed_image(pooled) if joint else pooled
+
+  meta: dict[str, list] = {"tile_id": [], "lat": [], "lon": [], "date": []}
+  out, xs, vs = [], [], []
+
+  def flush():
+    n = len(xs)
+    x = probe.fit_to_stride(np.stack(xs), encoder.stride)
+    v = probe.fit_to_stride(np.stack(vs), encoder.stride)
+    pad = batch_size - n
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+      v = np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+    batch = sharding.put_batch({"x": x, "v": v}, mesh)
+    out.append(np.asarray(jax.device_get(fn(state, batch["x"], batch["v"])))[:n])
+    xs.clear()
+    vs.clear()
+
+  for x, v, tid, lat, lon, date in items:
+    xs.append(x)
+    vs.append(v)
+    for k, val in zip(meta, (tid, lat, lon, date)):
+      meta[k].append(val)
+    if len(xs) == batch_size:
+      flush()
+  if xs:
+    flush()
+  if not out:
+    raise ValueError("nothing to embed")
+  return np.concatenate(out), meta
+
+
+def write_outputs(output: str | pathlib.Path, emb: np.ndarray, meta: dict[str, list]) -> tuple[pathlib.Path, pathlib.Path]:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  output = pathlib.Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  npy, parquet = output.with_suffix(".npy"), output.with_suffix(".parquet")
+  np.save(npy, emb.astype(np.float32), allow_pickle=False)
+  table = pa.table({"row": np.arange(len(emb), dtype=np.int64), "tile_id": meta["tile_id"],
+                    "lat": np.asarray(meta["lat"], np.float64),
+                    "lon": np.asarray(meta["lon"], np.float64), "date": meta["date"]})
+  pq.write_table(table, parquet)
+  return npy, parquet
+
+
+def _define_flags() -> None:
+  """Defines the CLI flags; only when run as a program (these modules share a process in
+  tests, and absl allows each flag name once)."""
+  global _EXPORT, _DATA, _SPLIT, _TILES, _STATS, _CROP, _BATCH, _JOINT, _OUTPUT
+  _EXPORT = flags.DEFINE_string("export_dir", None, "GeoMeld-FM export directory.")
+  _DATA = flags.DEFINE_string("data_dir", None, "Built dataset (with --split).")
+  _SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
+  _TILES = flags.DEFINE_string("tiles_dir", None, "Folder of 12-band Sentinel-2 GeoTIFF tiles.")
+  _STATS = flags.DEFINE_string("statistics", None, "statistics.json for GeoTIFF normalisation.")
+  _CROP = flags.DEFINE_integer("crop_size", None, "Centre crop of dataset tiles (default: none).")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+  _JOINT = flags.DEFINE_bool("joint", False, "Joint image-text embedding (needs an ITC export).")
+  _OUTPUT = flags.DEFINE_string("output", None, "Output path prefix (.npy and .parquet).")
+
+
+def main(argv):
+  del argv
+  from geomeld_jax import export  # pylint: disable=g-import-not-at-top
+
+  model = export.load_itc_model(_EXPORT.value)[0] if _JOINT.value else export.load_encoder(
+      _EXPORT.value)[0]
+  if bool(_DATA.value) == bool(_TILES.value):
+    raise app.UsageError("give exactly one of --data_dir (with --split) or --tiles_dir")
+  if _TILES.value:
+    if not _STATS.value:
+      raise app.UsageError("--tiles_dir needs --statistics (a build's statistics.json)")
+    items = read_tiles(_TILES.value, _STATS.value)
+  else:
+    items = read_split(_DATA.value, _SPLIT.value, _CROP.value)
+  emb, meta = embed(model, items, batch_size=_BATCH.value, joint=_JOINT.value)
+  npy, parquet = write_outputs(_OUTPUT.value, emb, meta)
+  print(json.dumps({"embeddings": str(npy), "index": str(parquet), "shape": list(emb.shape)}))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["export_dir", "output"])
+  app.run(main)

@@ -1,0 +1,251 @@
+"""Fine-tuning on GEO-Bench: classification / multi-label heads and a U-Net segmentation decoder.
+
+MMEarth protocol (mmearth_peer.md §3.2): AdamW (no decay on norms and biases), layer-wise lr
+decay 0.9 with ConvNeXt's "single" layer ids (stem 0, stages 1-2 -> 1-2, stage 3 split in
+blocks of three, stage 4 and last downsampler 12, head 13), drop path 0.1, cosine per step to
+min_lr, label smoothing 0.2 (smoothed CE; BCE with targets 1-s / s for multi-label), no
+augmentation. Segmentation: a U-Net decoder (nearest x2 upsampling, 3x3 conv + LN + GELU,
+skips from every encoder stage), plain CE with every class, the encoder frozen for the first
+``seg_freeze_epochs`` epochs and trained afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from geomeld_jax.evaluation import metrics
+from geomeld_jax.evaluation import probe
+from geomeld_jax.models import convnextv2
+
+NUM_LAYERS = 12  # ConvNeXt's layer-decay depth for the "single" rule
+
+
+def with_drop_path(encoder: convnextv2.ConvNeXtV2, drop_path: float,
+                   seed: int = 0) -> convnextv2.ConvNeXtV2:
+  """A copy of `encoder` (same weights) built with stochastic depth `drop_path`."""
+  stem = encoder.stem
+  patch = encoder.stride if stem == "patch" else 16
+  new = convnextv2.ConvNeXtV2(encoder.variant, encoder.in_chans, stem=stem, patch_size=patch,
+                              drop_path_rate=drop_path, rngs=nnx.Rngs(seed))
+  nnx.update(new, nnx.state(encoder, nnx.Param))
+  return new
+
+
+def encoder_layer_id(path: tuple[Any, ...]) -> int:
+  """ConvNeXt `get_num_layer_for_convnext_single` on a ConvNeXtV2 param path."""
+  keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+  head = keys[0]
+  if str(head).startswith("stem"):
+    return 0
+  if head in ("downsample_norms", "downsample_convs"):
+    stage = int(keys[1]) + 1
+    return {1: 2, 2: 3}.get(stage, NUM_LAYERS)
+  if head == "stages":
+    stage, block = int(keys[1]), int(keys[2])
+    if stage in (0, 1):
+      return stage + 1
+    if stage == 2:
+      return 3 + block // 3
+    return NUM_LAYERS
+  raise ValueError(f"unknown encoder parameter path {keys}")
+
+
+class ClassifierHead(nnx.Module):
+  """LN(GAP(final map)) -> Linear, init std 2e-5 (MMEarth)."""
+
+  def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+    self.fc = nnx.Linear(dim, num_classes, rngs=rngs,
+                         kernel_init=nnx.initializers.truncated_normal(probe.HEAD_INIT_STD))
+
+  def __call__(self, feats, stages):
+    del stages
+    return self.fc(self.norm(jnp.mean(feats.astype(jnp.float32), axis=(1, 2))))
+
+
+class _ConvBlock(nnx.Module):
+  def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(cin, cout, (3, 3), padding="SAME", rngs=rngs)
+    self.norm = nnx.LayerNorm(cout, epsilon=1e-6, rngs=rngs)
+
+  def __call__(self, x):
+    return jax.nn.gelu(self.norm(self.conv(x)), approximate=False)
+
+
+def _up(x, factor: int):
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2) if factor > 1 else x
+
+
+class UNetHead(nnx.Module):
+  """U-Net decoder over the four stage outputs -> per-pixel logits at input resolution."""
+
+  def __init__(self, dims: tuple[int, ...], stride: int, num_classes: int, width: int, *,
+               rngs: nnx.Rngs):
+    self.first_stride = stride // 2 ** (len(dims) - 1)
+    self.bottleneck = _ConvBlock(dims[-1], width, rngs=rngs)
+    self.ups = nnx.List([_ConvBlock(width + d, width, rngs=rngs) for d in reversed(dims[:-1])])
+    self.full = _ConvBlock(width, width, rngs=rngs)
+    self.cls = nnx.Conv(width, num_classes, (1, 1), rngs=rngs)
+
+  def __call__(self, feats, stages):
+    x = self.bottleneck(stages[-1].astype(jnp.float32))
+    for block, skip in zip(self.ups, reversed(stages[:-1])):
+      x = block(jnp.concatenate([_up(x, 2), skip.astype(jnp.float32)], axis=-1))
+    x = self.full(_up(x, self.first_stride))
+    return self.cls(x)
+
+
+class TaskModel(nnx.Module):
+  def __init__(self, encoder: convnextv2.ConvNeXtV2, head: nnx.Module):
+    self.encoder = encoder
+    self.head = head
+
+  def __call__(self, x, *, deterministic: bool = True, rngs=None):
+    feats, stages = self.encoder(x, deterministic=deterministic, rngs=rngs)
+    return self.head(feats, stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  lr: float = 8e-4
+  epochs: int = 100
+  batch_size: int = 64
+  weight_decay: float = 0.3
+  min_lr: float = 1e-6
+  layer_decay: float = 0.9
+  drop_path: float = 0.1
+  label_smoothing: float = 0.2
+  seg_lr: float = 1.25e-3
+  seg_epochs: int = 200
+  seg_freeze_epochs: int = 50
+  seg_batch_size: int = 32
+  decoder_width: int = 256
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "FinetuneConfig":
+    d = dict(cfg)
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def build_task_model(encoder: convnextv2.ConvNeXtV2, kind: str, num_classes: int,
+                     cfg: FinetuneConfig, seed: int = 0) -> TaskModel:
+  enc = with_drop_path(encoder, cfg.drop_path if kind != "segmentation" else 0.0, seed)
+  rngs = nnx.Rngs(seed + 1)
+  if kind == "segmentation":
+    head = UNetHead(enc.dims, enc.stride, num_classes, cfg.decoder_width, rngs=rngs)
+  else:
+    head = ClassifierHead(enc.dims[-1], num_classes, rngs=rngs)
+  return TaskModel(enc, head)
+
+
+def lr_scales(params: nnx.State, layer_decay: float, *, freeze_encoder: bool = False) -> Any:
+  """Per-parameter lr multiplier: layer_decay ** (13 - layer id); 0 for a frozen encoder."""
+
+  def scale(path, leaf):
+    top = getattr(path[0], "key", path[0])
+    if top != "encoder":
+      return jnp.ones((), jnp.float32)
+    if freeze_encoder:
+      return jnp.zeros((), jnp.float32)
+    return jnp.asarray(layer_decay ** (NUM_LAYERS + 1 - encoder_layer_id(path[1:])), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def _loss(kind, logits, y, num_classes, smoothing):
+  if kind == "segmentation":
+    onehot = jax.nn.one_hot(y, num_classes)
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+  return probe.classification_loss(kind, logits, y, num_classes, smoothing)
+
+
+def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_classes: int,
+          lr: float, epochs: int, batch_size: int, cfg: FinetuneConfig, freeze_epochs: int = 0,
+          seed: int = 0) -> TaskModel:
+  """Fine-tunes `model` in place on (x, y); returns it. One jitted step, lr traced."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  n = len(x)
+  bs = min(batch_size, n)
+  steps_per_epoch = max(1, n // bs)
+  total = steps_per_epoch * epochs
+  smoothing = 0.0 if kind == "segmentation" else cfg.label_smoothing
+  tx = optax.chain(optax.scale_by_adam(),
+                   optax.add_decayed_weights(cfg.weight_decay, probe._decay_mask(params)))  # pylint: disable=protected-access
+  opt_state = tx.init(params)
+  frozen_scales = lr_scales(params, cfg.layer_decay, freeze_encoder=True)
+  scales = lr_scales(params, cfg.layer_decay)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb, key, lr_t, scale_tree):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, rest)
+      logits = m(xb, deterministic=False, rngs=key)
+      return _loss(kind, logits, yb, num_classes, smoothing)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u, s: p - lr_t * s * u, params, updates, scale_tree)
+    return params, opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  key = jax.random.key(seed)
+  t = 0
+  for epoch in range(epochs):
+    perm = rng.permutation(n)
+    scale_tree = frozen_scales if epoch < freeze_epochs else scales
+    for i in range(steps_per_epoch):
+      idx = perm[i * bs:(i + 1) * bs]
+      lr_t = float(probe.cosine_lr(lr, cfg.min_lr, t, total))
+      params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
+                                  jax.random.fold_in(key, t), jnp.float32(lr_t), scale_tree)
+      t += 1
+  nnx.update(model, params)
+  return model
+
+
+def predict(model: TaskModel, x: np.ndarray, batch_size: int) -> np.ndarray:
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fwd(state, xb):
+    return nnx.merge(graphdef, state)(xb, deterministic=True)
+
+  out = []
+  for i in range(0, len(x), batch_size):
+    chunk = x[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(fwd(state, jnp.asarray(chunk)))[:batch_size - pad])
+  return np.concatenate(out)
+
+
+def finetune_task(encoder: convnextv2.ConvNeXtV2, train_split, test_split, *, kind: str,
+                  num_classes: int, cfg: FinetuneConfig, seed: int = 0) -> tuple[str, float]:
+  """Fine-tunes a copy of `encoder` on train and scores test; returns (metric name, %)."""
+  stride = encoder.stride
+  seg = kind == "segmentation"
+  mode = "pad" if seg else "crop"
+  x_tr = probe.fit_to_stride(train_split.x, stride, mode)
+  x_te = probe.fit_to_stride(test_split.x, stride, mode)
+  y_tr, y_te = train_split.y, test_split.y
+  if seg:  # padded pixels get class 0 in training; the test score is computed on the real ones
+    y_tr = np.pad(y_tr, ((0, 0), (0, x_tr.shape[1] - y_tr.shape[1]), (0, x_tr.shape[2] - y_tr.shape[2])))
+  model = build_task_model(encoder, kind, num_classes, cfg, seed)
+  if seg:
+    train(model, x_tr, y_tr, kind=kind, num_classes=num_classes, lr=cfg.seg_lr,
+          epochs=cfg.seg_epochs, batch_size=cfg.seg_batch_size, cfg=cfg,
+          freeze_epochs=cfg.seg_freeze_epochs, seed=seed)
+    logits = predict(model, x_te, cfg.seg_batch_size)[:, :y_te.shape[1], :y_te.shape[2]]
+  else:
+    train(model, x_tr, y_tr, kind=kind, num_classes=num_classes, lr=cfg.lr, epochs=cfg.epochs,
+          batch_size=cfg.batch_size, cfg=cfg, seed=seed)
+    logits = predict(model, x_te, cfg.batch_size)
+  return metrics.task_metric(kind, logits, y_te, num_classes)

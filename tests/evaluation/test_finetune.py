@@ -1,0 +1,53 @@
+"""Fine-tuning: layer ids / lr scales, and one tiny classification and segmentation run."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from geomeld_jax.evaluation import finetune
+from geomeld_jax.evaluation import geobench
+
+CFG = finetune.FinetuneConfig(lr=1e-3, epochs=1, batch_size=4, seg_lr=1e-3, seg_epochs=2,
+                              seg_freeze_epochs=1, seg_batch_size=4, decoder_width=16)
+
+
+def test_layer_ids_follow_convnext_single_rule(tiny_encoder):
+  params = nnx.state(tiny_encoder, nnx.Param)
+  ids = {}
+  for path, _ in __import__("jax").tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    ids[keys[:3]] = finetune.encoder_layer_id(path)
+  assert ids[next(k for k in ids if k[0] == "stem_conv")] == 0
+  assert ids[("stages", 0, 0)] == 1 and ids[("stages", 1, 1)] == 2
+  assert ids[("stages", 2, 0)] == 3 and ids[("stages", 2, 5)] == 4
+  assert ids[("stages", 3, 0)] == 12 and ids[next(k for k in ids if k[:2] == ("downsample_convs", 2))] == 12
+
+
+def _split(n, seg, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 32, 32, 12)).astype(np.float32)
+  y = (x[..., 0] > 0).astype(np.int32) if seg else (x[:, :, :, 1].mean((1, 2)) > 0).astype(np.int32)
+  return geobench.Split(x, y, np.ones(12, bool), [str(i) for i in range(n)])
+
+
+def test_classification_and_segmentation_finetune_run(tiny_encoder):
+  before = np.asarray(tiny_encoder.stages[0][0].dwconv.kernel[...]).copy()
+  name, score = finetune.finetune_task(tiny_encoder, _split(8, False, 0), _split(4, False, 1),
+                                       kind="multiclass", num_classes=2, cfg=CFG)
+  assert name == "top1_acc" and 0.0 <= score <= 100.0
+  name, score = finetune.finetune_task(tiny_encoder, _split(8, True, 0), _split(4, True, 1),
+                                       kind="segmentation", num_classes=2, cfg=CFG)
+  assert name == "miou" and 0.0 <= score <= 100.0
+  # The source encoder is never modified (fine-tuning trains a copy).
+  np.testing.assert_array_equal(before, np.asarray(tiny_encoder.stages[0][0].dwconv.kernel[...]))
+
+
+def test_frozen_phase_leaves_encoder_untouched(tiny_encoder):
+  model = finetune.build_task_model(tiny_encoder, "segmentation", 2, CFG)
+  enc_before = np.asarray(model.encoder.stem_conv.kernel[...]).copy()
+  head_before = np.asarray(model.head.cls.kernel[...]).copy()
+  s = _split(4, True, 2)
+  finetune.train(model, s.x, s.y, kind="segmentation", num_classes=2, lr=1e-2, epochs=1,
+                 batch_size=4, cfg=CFG, freeze_epochs=1)
+  np.testing.assert_array_equal(enc_before, np.asarray(model.encoder.stem_conv.kernel[...]))
+  assert not np.allclose(head_before, np.asarray(model.head.cls.kernel[...]))

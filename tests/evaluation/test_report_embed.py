@@ -1,0 +1,91 @@
+"""Visual report PNGs (from synthetic predictions and tensorboardX events) and tile embedding."""
+
+import numpy as np
+import pytest
+
+from geomeld_jax import modalities as mod
+from geomeld_jax.evaluation import embed
+from geomeld_jax.evaluation import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+  data = path.read_bytes()
+  return data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_training_curves_from_tensorboardx_events(tmp_path):
+  import tensorboardX
+
+  writer = tensorboardX.SummaryWriter(logdir=str(tmp_path / "tensorboard"))
+  for step in range(1, 6):
+    writer.add_scalar("loss", 10.0 / step, global_step=step)
+    writer.add_scalar("eval/loss", 5.0 - step, global_step=step)
+  writer.close()
+  scalars = report.read_scalars(tmp_path / "tensorboard")
+  assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 5]
+  assert scalars["loss"][1][1] == pytest.approx(5.0)
+  assert scalars["eval/loss"][-1][1] == pytest.approx(0.0)
+  assert _is_png(report.plot_curves(scalars, tmp_path / "curves.png"))
+
+
+def test_reconstruction_jepa_and_retrieval_pngs(tmp_path):
+  rng = np.random.default_rng(0)
+  b, p, g = 2, 8, 4
+  h = p * g
+  batch, preds = {}, {}
+  for m in mod.PIXEL_MODALITIES.values():
+    if m.is_classes:
+      batch[m.name] = rng.integers(-1, m.num_classes, (b, h, h)).astype(np.int32)
+      preds[m.name] = rng.normal(size=(b, g, g, p * p * m.num_classes)).astype(np.float32)
+    else:
+      batch[m.name] = rng.normal(size=(b, h, h, m.num_bands)).astype(np.float32)
+      batch[f"{m.name}_valid"] = np.ones((b, h, h, m.num_bands), bool)
+      preds[m.name] = rng.normal(size=(b, g, g, p * p * m.num_bands)).astype(np.float32)
+  mask = rng.random((b, g, g)) < 0.6
+  paths = report.plot_reconstructions(batch, preds, mask, p, tmp_path, num_tiles=2)
+  assert {x.name for x in paths} == {f"reconstruction_{n}.png" for n in mod.PIXEL_MODALITIES}
+  assert all(_is_png(x) for x in paths)
+  tm = np.zeros((b, g, g), bool)
+  tm[:, 1:3, 1:3] = True
+  assert _is_png(report.plot_jepa_similarity(rng.normal(size=(b, g, g, 16)),
+                                             rng.normal(size=(b, g, g, 16)), tm,
+                                             tmp_path / "jepa.png", 2))
+  ex = [{"query": "a river crossing farmland", "true_image": 0, "top": [0, 1],
+         "scores": [0.9, 0.5], "captions": ["river and fields", "a town"],
+         "x": batch["sentinel2"][:2], "valid": batch["sentinel2_valid"][:2]}]
+  assert _is_png(report.plot_retrieval(ex, tmp_path / "retrieval.png"))
+
+
+def test_embed_geotiff_tiles_to_npy_and_parquet(tmp_path, tiny_encoder):
+  import json
+
+  import pyarrow.parquet as pq
+  import tifffile
+
+  tiles = tmp_path / "tiles"
+  tiles.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    tifffile.imwrite(tiles / f"tile{i}_2021060{i + 1}.tif",
+                     rng.integers(1, 5000, (32, 32, 12)).astype(np.uint16))
+  stats = {m.name: {"bands": list(m.bands), "mean": [0.0] * m.num_bands,
+                    "std": [1.0] * m.num_bands}
+           for m in mod.PIXEL_MODALITIES.values()}
+  stats["sentinel2"] = {"bands": list(mod.SENTINEL2.bands), "mean": [1000.0] * 12,
+                        "std": [500.0] * 12}
+  (tmp_path / "statistics.json").write_text(json.dumps(stats))
+  emb, meta = embed.embed(tiny_encoder, embed.read_tiles(tiles, tmp_path / "statistics.json"),
+                          batch_size=2)
+  assert emb.shape == (3, tiny_encoder.dims[-1]) and np.all(np.isfinite(emb))
+  npy, parquet = embed.write_outputs(tmp_path / "out" / "emb", emb, meta)
+  np.testing.assert_array_equal(np.load(npy, allow_pickle=False), emb)
+  table = pq.read_table(parquet).to_pydict()
+  assert table["tile_id"] == ["tile0_20210601", "tile1_20210602", "tile2_20210603"]
+  assert table["date"] == ["2021-06-01", "2021-06-02", "2021-06-03"]
+  assert all(np.isnan(table["lat"]))  # no geokeys in these tiles
+  # Same result one tile at a time (the padding of the last batch is dropped).
+  single, _ = embed.embed(tiny_encoder, embed.read_tiles(tiles, tmp_path / "statistics.json"),
+                          batch_size=1)
+  np.testing.assert_allclose(single, emb, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,258 @@
+"""GeoMeld-FM smoke tests: every ablation preset differentiates end to end.
+
+A micro ConvNeXtV2 variant (depths 1,1,1,1) on 32-px tiles with patch 8 (a 4x4 grid) keeps
+each preset's jitted forward+backward to one small compile; XLA optimisations are switched
+off for this module only (numerics are unaffected, compiles are ~2x faster).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from geomeld_jax import losses
+from geomeld_jax import modalities as mod
+from geomeld_jax.models import convnextv2
+from geomeld_jax.models import decoders
+from geomeld_jax.models import geomeld
+
+MICRO = "test_micro"
+B, HW, PATCH, TEXT_LEN = 4, 32, 8, 12
+HAS_CAPTION = np.array([True, True, True, False])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def micro_variant():
+  convnextv2.VARIANTS[MICRO] = ((1, 1, 1, 1), (8, 16, 16, 32))
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+  del convnextv2.VARIANTS[MICRO]
+
+
+def _config(preset, **overrides):
+  kw = dict(variant=MICRO, patch_size=PATCH, decoder_width=32, text_vocab_size=64,
+            text_context=16, text_width=32, text_layers=1, text_heads=2, embed_dim=16,
+            jepa_min_context=2)
+  kw.update(overrides)
+  return geomeld.GeoMeldFMConfig.preset(preset, **kw)
+
+
+def _batch(seed=0):
+  """A random batch of the contract: NaN at invalid S2 pixels, sample 3 has no Sentinel-1."""
+  r = np.random.default_rng(seed)
+  out = {}
+  for m in mod.PIXEL_MODALITIES.values():
+    if m.is_classes:
+      out[m.name] = r.integers(-1, m.num_classes, (B, HW, HW)).astype(np.int32)
+      continue
+    x = r.normal(size=(B, HW, HW, m.num_bands)).astype(np.float32)
+    valid = r.random(x.shape) > 0.1
+    if m.name == mod.INPUT_MODALITY:
+      valid[0, :, :, 2] = False  # a band missing for a whole sample
+      x[~valid] = np.nan  # no-data must not propagate
+    else:
+      x[~valid] = 0.0
+    out[m.name], out[f"{m.name}_valid"] = x, valid
+  out["sentinel1_valid"][3] = False
+  out["sentinel1"][3] = 0.0
+  for t in mod.IMAGE_TARGETS.values():
+    if t.kind is mod.TargetKind.IMAGE_CLASSES:
+      out[t.name] = np.array([0, -1, 2, 1], np.int32)  # -1: unknown terrain
+    else:
+      out[t.name] = r.normal(size=(B, t.dims)).astype(np.float32)
+      out[f"{t.name}_valid"] = np.array([True, True, False, True])
+  tok = np.zeros((B, TEXT_LEN), np.int32)
+  for i, n in enumerate([5, 12, 7, 0]):
+    if n:
+      tok[i, :n - 1] = r.integers(2, 64, n - 1)
+      tok[i, n - 1] = 1
+  out["text_tokens"] = tok
+  out["has_caption"] = HAS_CAPTION
+  return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return _batch()
+
+
+class _Compiled:
+  """One preset: config, params, teacher params and its jitted value-and-grad."""
+
+  def __init__(self, preset):
+    self.config = _config(preset)
+    self.model_def, self.params = geomeld.init(self.config, jax.random.key(0))
+    self.ema = (jax.tree.map(lambda x: x * 0.9, geomeld.encoder_params(self.params))
+                if self.config.jepa else None)
+    fn = lambda p, e, b, r: geomeld.loss_fn(p, e, self.model_def, b, r)
+    self.step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))
+
+
+_CACHE = {}
+
+
+def _compiled(preset):
+  if preset not in _CACHE:
+    _CACHE[preset] = _Compiled(preset)
+  return _CACHE[preset]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clear_cache():
+  yield
+  _CACHE.clear()
+
+
+@pytest.mark.parametrize("preset", geomeld.PRESETS)
+def test_preset_forward_backward(preset, batch):
+  c = _compiled(preset)
+  geomeld.check_batch(c.config, batch)
+  (loss, metrics), (grads, ema_grads) = c.step(c.params, c.ema, batch, jax.random.key(1))
+  assert np.isfinite(float(loss))
+  assert {k[5:] for k in metrics if k.startswith("loss/")} == set(c.config.loss_terms)
+  for term in c.config.loss_terms:
+    assert float(metrics[f"count/{term}"]) > 0, term
+    assert np.isfinite(float(metrics[f"loss/{term}"])), term
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  assert len(flat) == len(jax.tree.leaves(c.params))
+  for path, g in flat:
+    name = jax.tree_util.keystr(path)
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)), name
+    assert np.any(g != 0), f"{preset}: no gradient reaches {name}"
+  top = {str(p[0].key) for p, _ in flat}
+  assert ("jepa_predictor" in top) == c.config.jepa
+  assert ("text_encoder" in top) == c.config.itc
+  if c.config.jepa:
+    # The teacher is run inside stop_gradient: exactly zero, not merely small.
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(ema_grads))
+    assert float(metrics["jepa/target_std"]) > 0.1
+  if c.config.itc:
+    np.testing.assert_allclose(float(metrics["logit_scale"]), losses.LOGIT_SCALE_INIT)
+    assert float(metrics["count/itc"]) == HAS_CAPTION.sum()
+  assert 0.5 < float(metrics["mask_ratio"]) < 0.8
+
+
+def test_full_uses_the_teacher_and_blocks_nan(batch):
+  c = _compiled("full")
+  key = jax.random.key(2)
+  (loss, metrics), _ = c.step(c.params, c.ema, batch, key)
+  other_teacher = jax.tree.map(lambda x: x * 0.5, c.ema)
+  (_, metrics2), _ = c.step(c.params, other_teacher, batch, key)
+  assert float(metrics["loss/jepa"]) != float(metrics2["loss/jepa"])
+  assert float(metrics["loss/sentinel2"]) == float(metrics2["loss/sentinel2"])
+  # NaN at invalid input pixels gives exactly the loss of zeros there.
+  zeroed = dict(batch)
+  zeroed["sentinel2"] = jnp.where(batch["sentinel2_valid"], batch["sentinel2"], 0.0)
+  assert np.isnan(np.asarray(batch["sentinel2"])).any()
+  (loss_zeroed, _), _ = c.step(c.params, c.ema, zeroed, key)
+  assert float(loss) == float(loss_zeroed)
+
+
+def test_uncertainty_weights_reported(batch):
+  c = _compiled("mp_mae")
+  (loss, metrics), _ = c.step(c.params, None, batch, jax.random.key(3))
+  terms = c.config.loss_terms
+  # log-variances start at 0: every weight is 1 and the total is the plain sum.
+  assert all(float(metrics[f"weight/{t}"]) == 1.0 for t in terms)
+  np.testing.assert_allclose(float(loss), sum(float(metrics[f"loss/{t}"]) for t in terms),
+                             rtol=1e-6)
+
+
+def test_missing_modality_sample_contributes_nothing(batch):
+  c = _compiled("mp_mae")
+  key = jax.random.key(4)
+  (_, metrics), _ = c.step(c.params, None, batch, key)
+  noise = dict(batch)
+  # Sample 3 has no Sentinel-1: changing its (invalid) values changes nothing.
+  noise["sentinel1"] = batch["sentinel1"].at[3].set(123.0)
+  (_, metrics2), _ = c.step(c.params, None, noise, key)
+  assert float(metrics["loss/sentinel1"]) == float(metrics2["loss/sentinel1"])
+  assert float(metrics["count/sentinel1"]) == float(metrics2["count/sentinel1"])
+
+
+def test_check_batch_errors(batch):
+  config = _config("full")
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  geomeld.check_batch(config, shapes)
+  geomeld.check_batch(_config("s2_mae"), {k: shapes[k] for k in ("sentinel2", "sentinel2_valid")})
+
+  def broken(**changes):
+    out = dict(shapes)
+    for k, v in changes.items():
+      if v is None:
+        del out[k]
+      else:
+        out[k] = v
+    return out
+
+  cases = [
+      (broken(sentinel1_valid=None), "missing key 'sentinel1_valid'"),
+      (broken(sentinel2=None), "missing key 'sentinel2'"),
+      (broken(sentinel1=jax.ShapeDtypeStruct((B, HW, HW, 7), jnp.float32)),
+       r"batch\['sentinel1'\]"),
+      (broken(esa_worldcover=jax.ShapeDtypeStruct((B, HW, HW), jnp.float32)), "int32"),
+      (broken(location_valid=jax.ShapeDtypeStruct((B,), jnp.float32)), "location_valid"),
+      (broken(text_tokens=jax.ShapeDtypeStruct((B, 40), jnp.int32)), "text_tokens"),
+      (broken(has_caption=None), "has_caption"),
+      (broken(sentinel2=jax.ShapeDtypeStruct((B, 36, 36, 12), jnp.float32)), "stride"),
+  ]
+  for bad, pattern in cases:
+    with pytest.raises(ValueError, match=pattern):
+      geomeld.check_batch(config, bad)
+
+
+def test_config_validation_and_presets():
+  assert _config("s2_mae").loss_terms == ("sentinel2",)
+  assert _config("full").loss_terms[-2:] == ("jepa", "itc")
+  assert set(_config("mp_mae").targets) == set(mod.PIXEL_MODALITIES) | set(mod.IMAGE_TARGETS)
+  with pytest.raises(ValueError, match="unknown preset"):
+    geomeld.GeoMeldFMConfig.preset("nope")
+  with pytest.raises(ValueError, match="unknown target"):
+    geomeld.GeoMeldFMConfig(targets=("sentinel3",))
+  with pytest.raises(ValueError, match="unknown loss terms"):
+    geomeld.GeoMeldFMConfig(fixed_weights=(("jepa", 1.0),))
+  with pytest.raises(ValueError, match="unknown ConvNeXtV2 variant"):
+    geomeld.GeoMeldFMConfig(variant="gigantic")
+
+
+def test_clamp_params_and_encoder_subtree():
+  config = _config("mp_mae_itc", decoder_depth=0)
+  model_def, params = geomeld.init(config, jax.random.key(0))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.full_like(x, 10.0) if p[0].key in ("logit_scale", "log_vars") else x,
+      params)
+  clamped = geomeld.clamp_params(config, params)
+  np.testing.assert_allclose(float(clamped["logit_scale"][...]), math.log(100.0), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(clamped["log_vars"][...]), config.log_var_range[1])
+  same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(clamped["decoder"]),
+                                               jax.tree.leaves(params["decoder"]))]
+  assert all(same)
+  model = geomeld.merge(model_def, params)
+  enc_state = nnx.split(model.encoder, nnx.Param, ...)[1]
+  assert jax.tree.structure(enc_state) == jax.tree.structure(geomeld.encoder_params(params))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_decoder_heads_follow_the_registry(shared):
+  targets = ("sentinel2", "esa_worldcover", "month", "terrain_class")
+  dec = decoders.MultiPretextDecoder(16, targets, PATCH, width=8, shared=shared,
+                                     rngs=nnx.Rngs(0))
+  assert set(dec.bodies) == ({"shared"} if shared else set(targets))
+  # Only bodies that serve an image target carry the image LayerNorm.
+  with_norm = {k for k, body in dec.bodies.items() if body.image_norm is not None}
+  assert with_norm == ({"shared"} if shared else {"month", "terrain_class"})
+  feats = jnp.ones((2, 3, 3, 16))
+  out = dec(feats, jnp.zeros((2, 3, 3), bool).at[:, 0].set(True))
+  s2 = mod.pixel_modality("sentinel2").num_bands
+  wc = mod.pixel_modality("esa_worldcover").num_classes
+  assert out["sentinel2"].shape == (2, 3, 3, PATCH * PATCH * s2)
+  assert out["esa_worldcover"].shape == (2, 3, 3, PATCH * PATCH * wc)
+  assert out["month"].shape == (2, mod.image_target("month").dims)
+  assert out["terrain_class"].shape == (2, len(mod.TERRAIN_CLASSES))
+  assert all(v.dtype == jnp.float32 for v in out.values())
