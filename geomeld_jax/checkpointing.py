@@ -170,7 +170,7 @@ def save_config(workdir: str | epath.PathLike, config_json: str | Mapping[str, A
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (CONFIG_FILENAME + ".tmp")
     tmp.write_text(json.dumps(_config_dict(config_json), indent=2, sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)  # atomic, and overwrites the config of an earlier (resumed) start
   return path
 
 

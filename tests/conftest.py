@@ -2,16 +2,23 @@
 
 import os
 import pathlib
+import tempfile
 
 # Must run before jax initialises its backends: sharding tests use a 2x4 CPU mesh.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain workers read absl flags; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
+
+# Train-loop tests rebuild the same step several times (resume, NaN stop): a persistent
+# compilation cache turns every rebuild after the first into a cache hit.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="geomeld_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -23,3 +30,13 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> pathlib.Path:
+  """The embedded demo dataset (synthetic shards through the full Beam build), built once."""
+  from data_prep import demo
+
+  out = tmp_path_factory.mktemp("demo")
+  demo.build_demo(str(out), num_samples=512)
+  return out
