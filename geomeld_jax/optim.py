@@ -129,8 +129,3 @@ def make_optimizer(cfg: Mapping[str, Any] | Any) -> tuple[optax.GradientTransfor
       weight_decay=float(c["weight_decay"]), mask=weight_decay_mask))
   return optax.chain(*transforms), schedule
 
-
-def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
-  """ema <- decay * ema + (1 - decay) * params (the JEPA target encoder), in the EMA's dtype."""
-  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
-                      ema_params, params)

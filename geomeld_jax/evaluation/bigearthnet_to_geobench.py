@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-import re
 from typing import Any
 
 import numpy as np

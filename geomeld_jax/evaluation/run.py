@@ -75,6 +75,12 @@ def _max(v: int) -> int | None:
 def evaluate(config, checkpoints: list[str], tasks: list[str], geobench_dir: str,
              out_dir: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
   """Runs the table; returns {checkpoint: {task: {column: {metric, values, mean, std}}}}."""
+  modes = (tuple(m.strip() for m in config.modes.split(",")) if isinstance(config.modes, str)
+           else tuple(config.modes))
+  unknown = sorted(set(modes) - {"probe", "finetune"})
+  if not modes or unknown:
+    raise ValueError(f"config.modes must name probe and/or finetune, got {config.modes!r} "
+                     "(pass a tuple: --config.modes=\"('probe','finetune')\")")
   pcfg = probe.ProbeConfig.from_config(config.probe)
   fcfg = finetune.FinetuneConfig.from_config(config.finetune)
   max_samples = _max(config.max_samples)
@@ -90,7 +96,7 @@ def evaluate(config, checkpoints: list[str], tasks: list[str], geobench_dir: str
       cols: dict[str, dict[str, Any]] = {}
       for seed in config.seeds:
         encoder, ckpt_id = load_checkpoint(ckpt, config.baseline, seed)
-        if "probe" in config.modes and not info.is_segmentation:
+        if "probe" in modes and not info.is_segmentation:
           feats = {s: probe.task_features(encoder, task, s, cache=cache, checkpoint_id=ckpt_id,
                                           batch_size=pcfg.feature_batch_size,
                                           max_samples=max_samples)
@@ -106,7 +112,7 @@ def evaluate(config, checkpoints: list[str], tasks: list[str], geobench_dir: str
                 encoder, task, res, drop_bands=tuple(config.drop_bands), cache=cache,
                 checkpoint_id=ckpt_id, batch_size=pcfg.feature_batch_size, max_samples=max_samples)
             cols.setdefault(name, {"metric": res.metric, "values": []})["values"].append(score)
-        if "finetune" in config.modes:
+        if "finetune" in modes:
           tr = task.load_split("train", max_samples=max_samples)
           te = task.load_split("test", max_samples=max_samples)
           name, score = finetune.finetune_task(encoder, tr, te, kind=info.kind,

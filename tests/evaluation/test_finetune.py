@@ -1,7 +1,6 @@
 """Fine-tuning: layer ids / lr scales, and one tiny classification and segmentation run."""
 
 import numpy as np
-import pytest
 from flax import nnx
 
 from geomeld_jax.evaluation import finetune

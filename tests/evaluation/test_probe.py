@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from geomeld_jax.evaluation import geobench
 from geomeld_jax.evaluation import probe
