@@ -177,8 +177,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
       evaluate(step)
   ckpt.wait_until_finished()
   writer.close()
-  logging.info("trained steps %d..%d in %.1f s", first_step + 1, config.total_steps,
-               time.monotonic() - t0)
+  if first_step >= config.total_steps:
+    logging.info("nothing to do: the checkpoint in %s is already at step %d", workdir, first_step)
+  else:
+    logging.info("trained steps %d..%d in %.1f s", first_step + 1, config.total_steps,
+                 time.monotonic() - t0)
 
   ##########################################################################################
   # Export                                                                                 #

@@ -1,0 +1,88 @@
+"""The Grain input pipeline: per-host disjointness, aligned augmentation, captions, iterator state."""
+
+import numpy as np
+import pytest
+
+from geomeld_jax import input_pipeline
+from geomeld_jax import modalities as mod
+from geomeld_jax import records
+
+SIZE = mod.TILE_SIZE
+
+
+def _coordinate_record() -> dict:
+  """A record whose every pixel modality encodes its pixel's (row, col): alignment is checkable."""
+  rows, cols = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
+  rec = {m.name: records.empty_modality(m) for m in mod.PIXEL_MODALITIES.values()}
+  rec["sentinel2"][..., 0] = rows * SIZE + cols + 1  # uint16, never the no-data 0
+  rec["sentinel1"][..., 0] = rows - cols  # int16
+  rec["esa_worldcover"][..., 0] = (rows + 2 * cols) % mod.ESA_WORLDCOVER.num_classes
+  rec.update(lat=10.0, lon=20.0, date="2020-06-01", terrain_class="hilly", water_percentage=5.0,
+             captions=[b"first caption", b"second caption"])
+  return rec
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augmentation_is_identical_across_modalities(seed):
+  process = input_pipeline.ProcessRecord(None, crop_size=32, augment=True, text_len=8)
+  ex = process.random_map(_coordinate_record(), np.random.default_rng(seed))
+  code = ex["sentinel2"][..., 0].astype(np.int64) - 1
+  rows, cols = code // SIZE, code % SIZE
+  assert ex["sentinel2"].shape == (32, 32, 12)
+  np.testing.assert_array_equal(ex["sentinel1"][..., 0], rows - cols)
+  np.testing.assert_array_equal(ex["esa_worldcover"][..., 0],
+                                (rows + 2 * cols) % mod.ESA_WORLDCOVER.num_classes)
+  # A crop of a rotation/flip: the rows and columns still form a contiguous 32x32 window.
+  assert {rows.max() - rows.min(), cols.max() - cols.min()} == {31}
+  assert ex["terrain_class"] == mod.TERRAIN_CLASSES.index("hilly")
+
+
+def test_evaluation_is_a_centre_crop_without_flips():
+  process = input_pipeline.ProcessRecord(None, crop_size=32, augment=False, text_len=8)
+  ex = process.random_map(_coordinate_record(), np.random.default_rng(0))
+  assert ex["sentinel2"][0, 0, 0] == 48 * SIZE + 48 + 1
+  assert ex["sentinel2"][0, 1, 0] == 48 * SIZE + 49 + 1
+
+
+def test_hosts_read_disjoint_slices_and_captions_end_with_eos(demo_dataset):
+  files = input_pipeline.locate_dataset(demo_dataset)
+  seen = []
+  for host in range(2):
+    ds = input_pipeline.make_dataset(files, "train", global_batch_size=8, crop_size=32,
+                                     text_len=32, seed=3, train=True, process_index=host,
+                                     process_count=2)
+    batches = [next(iter(ds)) for _ in range(1)]
+    assert batches[0]["sentinel2"].shape == (4, 32, 32, 12)
+    assert batches[0]["sentinel2"].dtype == np.uint16  # stored form: normalised on device
+    tokens = batches[0]["text_tokens"]
+    last = (tokens != input_pipeline.PAD_ID).sum(axis=1) - 1
+    assert np.all(tokens[np.arange(len(tokens)), last] == input_pipeline.EOS_ID)
+    seen.append({b.tobytes() for b in batches[0]["sentinel2"]})
+  assert not seen[0] & seen[1]
+
+
+def test_iterator_state_restores_with_worker_processes(demo_dataset):
+  files = input_pipeline.locate_dataset(demo_dataset)
+
+  def make(workers):
+    return iter(input_pipeline.make_dataset(files, "train", global_batch_size=4, crop_size=32,
+                                            text_len=16, seed=0, train=True,
+                                            num_workers=workers))
+
+  reference = make(0)
+  expected = [next(reference)["sentinel2"] for _ in range(5)][3:]
+  it = make(2)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  resumed = make(2)
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["sentinel2"], want)
+
+
+def test_split_smaller_than_a_batch_is_a_clear_error(demo_dataset):
+  files = input_pipeline.locate_dataset(demo_dataset)
+  with pytest.raises(ValueError, match="fewer than one global batch"):
+    input_pipeline.make_dataset(files, "val", global_batch_size=4096, crop_size=32, text_len=8,
+                                seed=0, train=False)
