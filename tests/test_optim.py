@@ -70,7 +70,8 @@ def test_weight_decay_mask_on_nnx_state_and_abstract_tree():
 
 
 def _cfg(**over):
-  return {**dict(lr=1e-3, warmup_steps=10, total_steps=110, grad_clip_norm=1.0, min_lr=1e-5), **over}
+  return {**dict(lr=1e-3, warmup_steps=10, total_steps=110, grad_clip_norm=1.0, min_lr=1e-5,
+                 b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, mu_dtype=None), **over}
 
 
 def test_schedule_warmup_then_cosine():
@@ -89,8 +90,8 @@ def test_one_step_matches_hand_computed_adamw_with_clipping_and_mask():
   params = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}}
   grads = {"dense": {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.full((2,), 4.0)}}
   # ConfigDict input, as the trainer passes config.optim.
-  cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=100, grad_clip_norm=1.0,
-                                       weight_decay=0.5, eps=0.0))
+  cfg = ml_collections.ConfigDict(_cfg(lr=0.1, warmup_steps=0, total_steps=100, min_lr=0.0,
+                                       grad_clip_norm=1.0, weight_decay=0.5, eps=0.0))
   tx, schedule = optim.make_optimizer(cfg)
   updates, _ = tx.update(grads, tx.init(params), params)
   lr = float(schedule(0))
@@ -121,7 +122,8 @@ def test_bf16_first_moment():
 
 
 @pytest.mark.parametrize("cfg,message", [
-    (dict(lr=1e-3, warmup_steps=1, total_steps=10), r"lacks the required fields \['grad_clip_norm'\]"),
+    ({k: v for k, v in _cfg().items() if k != "grad_clip_norm"},
+     r"lacks the required fields \['grad_clip_norm'\]"),
     (_cfg(learning_rate=1.0), r"unknown optimizer fields \['learning_rate'\]"),
     (_cfg(warmup_steps=110), "warmup_steps < total_steps"),
     (_cfg(min_lr=1.0), "min_lr <= lr"),

@@ -114,24 +114,24 @@ class TaskModel(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  lr: float = 8e-4
-  epochs: int = 100
-  batch_size: int = 64
-  weight_decay: float = 0.3
-  min_lr: float = 1e-6
-  layer_decay: float = 0.9
-  drop_path: float = 0.1
-  label_smoothing: float = 0.2
-  seg_lr: float = 1.25e-3
-  seg_epochs: int = 200
-  seg_freeze_epochs: int = 50
-  seg_batch_size: int = 32
-  decoder_width: int = 256
+  lr: float
+  epochs: int
+  batch_size: int
+  weight_decay: float
+  min_lr: float
+  layer_decay: float
+  drop_path: float
+  label_smoothing: float
+  seg_lr: float
+  seg_epochs: int
+  seg_freeze_epochs: int
+  seg_batch_size: int
+  decoder_width: int
 
   @classmethod
   def from_config(cls, cfg: Any) -> "FinetuneConfig":
     d = dict(cfg)
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    return cls(**probe.exact_fields(cls, d))
 
 
 def build_task_model(encoder: convnextv2.ConvNeXtV2, kind: str, num_classes: int,

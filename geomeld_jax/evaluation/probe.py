@@ -119,23 +119,35 @@ class FeatureCache:
 # ----------------------------------------------------------------------------------------
 
 
+def exact_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+  """The dataclass's fields from a config section; a missing or unknown key is an error.
+
+  The values live in configs/eval.py only: no dataclass default can silently stand in.
+  """
+  names = [f.name for f in dataclasses.fields(cls)]
+  missing, unknown = sorted(set(names) - set(d)), sorted(set(d) - set(names))
+  if missing or unknown:
+    raise ValueError(f"{cls.__name__}: config lacks {missing}, has unknown keys {unknown}")
+  return {n: d[n] for n in names}
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
   """Hyper-parameters of one linear-probe fit (configs/eval.py: config.probe)."""
 
-  lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-  epochs: int = 100
-  batch_size: int = 1024
-  weight_decay: float = 0.3
-  min_lr: float = 1e-6
-  label_smoothing: float = 0.2
-  feature_batch_size: int = 64
+  lrs: tuple[float, ...]
+  epochs: int
+  batch_size: int
+  weight_decay: float
+  min_lr: float
+  label_smoothing: float
+  feature_batch_size: int
 
   @classmethod
   def from_config(cls, cfg: Any) -> "ProbeConfig":
     d = dict(cfg)
     d["lrs"] = tuple(float(v) for v in d["lrs"])
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    return cls(**exact_fields(cls, d))
 
 
 def init_head(key: jax.Array, dim: int, num_classes: int) -> dict[str, jax.Array]:

@@ -3,11 +3,14 @@
 import numpy as np
 from flax import nnx
 
+from configs import eval as eval_config
 from geomeld_jax.evaluation import finetune
 from geomeld_jax.evaluation import geobench
 
-CFG = finetune.FinetuneConfig(lr=1e-3, epochs=1, batch_size=4, seg_lr=1e-3, seg_epochs=2,
-                              seg_freeze_epochs=1, seg_batch_size=4, decoder_width=16)
+CFG = finetune.FinetuneConfig.from_config({
+    **eval_config.get_config("smoke").finetune, **dict(
+        lr=1e-3, epochs=1, batch_size=4, seg_lr=1e-3, seg_epochs=2, seg_freeze_epochs=1,
+        seg_batch_size=4, decoder_width=16)})
 
 
 def test_layer_ids_follow_convnext_single_rule(tiny_encoder):

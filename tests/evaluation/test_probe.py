@@ -4,11 +4,17 @@ import json
 
 import numpy as np
 
+from configs import eval as eval_config
 from geomeld_jax.evaluation import geobench
 from geomeld_jax.evaluation import probe
 
-CFG = probe.ProbeConfig(lrs=(1e-2, 1e-1), epochs=30, batch_size=32, weight_decay=1e-4,
-                        label_smoothing=0.0)
+
+def _probe_config(**overrides) -> probe.ProbeConfig:
+  return probe.ProbeConfig.from_config({**eval_config.get_config("smoke").probe, **overrides})
+
+
+CFG = _probe_config(lrs=(1e-2, 1e-1), epochs=30, batch_size=32, weight_decay=1e-4,
+                    label_smoothing=0.0)
 
 
 def _toy(n, seed):
@@ -78,7 +84,7 @@ def test_real_bigearthnet_converted_and_probed(ben_geobench, tiny_encoder, tmp_p
   assert feats["train"][0].shape == (16, tiny_encoder.dims[-1])
   assert feats["test"][1].shape == (10, 43)
   res = probe.linear_probe(feats["train"], feats["valid"], feats["test"], kind="multilabel",
-                           num_classes=43, cfg=probe.ProbeConfig(lrs=(1e-2,), epochs=5,
-                                                                 batch_size=16))
+                           num_classes=43, cfg=_probe_config(lrs=(1e-2,), epochs=5,
+                                                             batch_size=16))
   assert res.metric == "micro_f1" and 0.0 <= res.test <= 100.0
   assert np.isfinite(res.test)
