@@ -154,29 +154,31 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
 
   history: dict[int, dict[str, float]] = {}
   t0 = time.monotonic()
-  for step in range(first_step + 1, config.total_steps + 1):
-    batch = sharding.put_batch(next(train_iter), mesh)  # explicit, allowed by the guard
-    with jax.transfer_guard(config.transfer_guard):  # no implicit copy inside the step
-      state, metrics = setup.train_step(state, batch)
-    final = step == config.total_steps or step == stop_after
-    log_now = step % config.log_every == 0 or final
-    save_now = ckpt.should_save(step) or final
-    if log_now or save_now:
-      history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(step, history[step], workdir)  # before any save: never save a NaN state
-    if log_now:
-      writer.write_scalars(step, history[step])
-    if save_now:
-      ckpt.maybe_save(step, state, train_iter, force=final)
-    if ckpt.reached_preemption(step) or step == stop_after:
-      logging.warning("stopping after step %d (preemption or stop_after): saved", step)
-      ckpt.wait_until_finished()
-      writer.close()
-      return history
-    if step % config.eval_every == 0 or step == config.total_steps:
-      evaluate(step)
-  ckpt.wait_until_finished()
-  writer.close()
+  try:
+    for step in range(first_step + 1, config.total_steps + 1):
+      batch = sharding.put_batch(next(train_iter), mesh)  # explicit, allowed by the guard
+      with jax.transfer_guard(config.transfer_guard):  # no implicit copy inside the step
+        state, metrics = setup.train_step(state, batch)
+      final = step == config.total_steps or step == stop_after
+      log_now = step % config.log_every == 0 or final
+      save_now = ckpt.should_save(step) or final
+      if log_now or save_now:
+        history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(step, history[step], workdir)  # before any save: never save a NaN state
+      if log_now:
+        writer.write_scalars(step, history[step])
+      if save_now:
+        ckpt.maybe_save(step, state, train_iter, force=final)
+      if ckpt.reached_preemption(step) or step == stop_after:
+        logging.warning("stopping after step %d (preemption or stop_after): saved", step)
+        return history
+      if step % config.eval_every == 0 or step == config.total_steps:
+        evaluate(step)
+  finally:
+    # Whatever ends the loop (the end, a stop, a NaN, an error), a save in flight holds a good
+    # state: let it commit before the process goes.
+    ckpt.wait_until_finished()
+    writer.close()
   if first_step >= config.total_steps:
     logging.info("nothing to do: the checkpoint in %s is already at step %d", workdir, first_step)
   else:
