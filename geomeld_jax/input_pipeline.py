@@ -10,9 +10,8 @@ iterator is a grain DatasetIterator, so its position is saved with each checkpoi
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -168,15 +167,3 @@ def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, cro
 
 def normalizer(files: DatasetFiles) -> records.Normalizer:
   return records.Normalizer.from_file(files.statistics)
-
-
-def dataset_summary(files: DatasetFiles) -> dict[str, Any]:
-  manifest = json.loads(files.manifest.read_text()) if files.manifest.is_file() else {}
-  return {"root": str(files.root), "splits": manifest.get("split_counts", manifest.get("splits")),
-          "tokenizer": files.tokenizer.is_file()}
-
-
-def batch_shapes(it: Iterator[dict[str, np.ndarray]]) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Shapes/dtypes of the first batch (for compile-time checks and AOT lowering)."""
-  b = next(iter(it))
-  return {k: (v.shape, str(v.dtype)) for k, v in b.items()}

@@ -105,8 +105,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   train_ds = input_pipeline.make_dataset(files, config.input.train_split, train=True,
                                          num_workers=config.input.num_workers, **data_kw)
   train_iter = iter(train_ds)
-  first = next(iter(input_pipeline.make_dataset(files, config.input.train_split, train=True,
-                                                **data_kw)))
+  first = next(iter(train_ds))  # a second iterator: train_iter's position is untouched
   # Checked in plain Python before anything compiles: a wrong key fails here, by name.
   ts.check_batch(mcfg, normalizer, first)
   if mcfg.itc:
