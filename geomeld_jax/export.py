@@ -37,9 +37,7 @@ def _model_config_from_workdir(workdir: epath.Path) -> geomeld.GeoMeldFMConfig:
   path = workdir / checkpointing.CONFIG_FILENAME
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: is {workdir} a geomeld_jax training workdir?")
-  model = json.loads(path.read_text())["model"]
-  tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v  # noqa: E731
-  return geomeld.GeoMeldFMConfig(**{k: tup(v) for k, v in model.items()})
+  return geomeld.GeoMeldFMConfig.from_dict(json.loads(path.read_text())["model"])
 
 
 def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> epath.Path:
@@ -118,8 +116,7 @@ def load_itc_model(export_dir: str | epath.PathLike) -> tuple[geomeld.GeoMeldFM,
   info = json.loads((export_dir / "model_config.json").read_text())
   if "itc" not in info["encoders"]:
     raise ValueError(f"{export_dir} was exported from a run without ITC: no text tower")
-  tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v  # noqa: E731
-  mcfg = geomeld.GeoMeldFMConfig(**{k: tup(v) for k, v in info["model"].items()})
+  mcfg = geomeld.GeoMeldFMConfig.from_dict(info["model"])
   model = geomeld.build(mcfg, jax.random.key(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   pure = nnx.to_pure_dict(params)

@@ -31,18 +31,9 @@ from geomeld_jax.models import jepa
 PyTree = Any
 
 
-def _tuplify(v):
-  return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
 def model_config(config) -> geomeld.GeoMeldFMConfig:
   """`config.model` (a ConfigDict of every GeoMeldFMConfig field) -> the frozen dataclass."""
-  fields = {f.name for f in dataclasses.fields(geomeld.GeoMeldFMConfig)}
-  given = dict(config.model.items())
-  unknown = sorted(set(given) - fields)
-  if unknown:
-    raise ValueError(f"config.model has unknown keys {unknown}")
-  return geomeld.GeoMeldFMConfig(**{k: _tuplify(v) for k, v in given.items()})
+  return geomeld.GeoMeldFMConfig.from_dict(dict(config.model.items()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,6 +138,23 @@ class GeoMeldFMConfig:
     return self.patch_size
 
   @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> "GeoMeldFMConfig":
+    """From a mapping of field values (a ConfigDict, or JSON with lists for tuples).
+
+    An unknown key is an error naming it; nested lists become tuples (the config is frozen
+    and hashable).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}")
+
+    def tuplify(v):
+      return tuple(tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return cls(**{k: tuplify(v) for k, v in fields.items()})
+
+  @classmethod
   def preset(cls, name: str, **overrides: Any) -> "GeoMeldFMConfig":
     """Ablation presets; keyword overrides replace any field (e.g. variant='tiny')."""
     if name == "s2_mae":
