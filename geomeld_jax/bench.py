@@ -3,6 +3,9 @@ r"""Train-step benchmark: one JSON line per case, then a short table.
   python -m geomeld_jax.bench --config=configs/pretrain.py:atto,full \
       --objectives=encoder,s2_mae,mp_mae,full --batch_size=256 --steps=20
 
+A case may override model fields after a '/', to compare variants in one run (one GPU call):
+  --objectives=mp_mae,mp_mae/stem=original,mp_mae/patch_size=32/vision_embedding=unmasked
+
 Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, peak device memory, and (when grain and a built dataset are
 available: --data_dir) the input pipeline's host samples/s. Batches are synthetic and live in
 device memory, so the step is measured alone; the mesh spans every local device.
@@ -37,19 +40,31 @@ from geomeld_jax import train_step as ts
 from geomeld_jax.models import convnextv2
 from geomeld_jax.models import geomeld
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py:atto,full",
-                                          "Base config; the objective is replaced per case.")
-_OBJECTIVES = flags.DEFINE_list("objectives", ["encoder", "mp_mae", "full"],
-                                "Cases: 'encoder' or ablation presets (s2_mae, mp_mae, ...).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-_CROP = flags.DEFINE_integer("crop_size", 128, "Tile size fed to the model.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per case (after 2 warm-up steps).")
-_DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "A built dataset to time the input pipeline on.")
-
 # Dense bf16 peak FLOP/s per chip, for MFU. Keyed by a substring of `device_kind`.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
                    "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def parse_case(case: str, model_fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+  """'mp_mae/stem=original/patch_size=32' -> ('mp_mae', {'stem': 'original', 'patch_size': 32}).
+
+  Values take the type of the config's current value; an unknown field is an error naming it.
+  """
+  name, *assignments = case.split("/")
+  overrides = {}
+  for assignment in assignments:
+    field, sep, text = assignment.partition("=")
+    if not sep or field not in model_fields:
+      raise ValueError(f"case {case!r}: {assignment!r} is not field=value for a model field "
+                       f"(fields: {sorted(model_fields)})")
+    current = model_fields[field]
+    if isinstance(current, bool):
+      if text not in ("true", "false", "True", "False"):
+        raise ValueError(f"case {case!r}: {field} takes true/false, got {text!r}")
+      overrides[field] = text.lower() == "true"
+    else:
+      overrides[field] = type(current)(text) if current is not None else text
+  return name, overrides
 
 
 def _peak_flops() -> float | None:
@@ -155,46 +170,69 @@ def input_case(data_dir: str, batch_size: int, crop: int, text_len: int, seconds
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  args = flags.FLAGS
+  config = args.config
+  batch = args.batch_size
   mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)))
   peak = _peak_flops()
   device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
   rows: list[dict[str, Any]] = []
-  for objective in _OBJECTIVES.value:
-    kw = dict(batch_size=_BATCH.value, crop=_CROP.value, dtype=_DTYPE.value, steps=_STEPS.value)
+  cases = [(case, *parse_case(case, dict(config.model.items()))) for case in args.objectives]
+  for case, objective, overrides in cases:
+    kw = dict(batch_size=batch, crop=args.crop_size, dtype=args.compute_dtype, steps=args.steps)
+    case_config = config.copy_and_resolve_references()
+    with case_config.unlocked():
+      case_config.model.update(overrides)
     try:
       if objective == "encoder":
-        r = encoder_case(config, mesh, **kw)
+        r = encoder_case(case_config, mesh, **kw)
       else:
-        r = train_case(config, mesh, objective, **kw)
+        r = train_case(case_config, mesh, objective, **kw)
     except Exception as e:  # a case that does not fit (e.g. OOM) is reported, not fatal
       r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    r.update(case=objective, device=device, variant=config.model.variant,
-             batch_size=_BATCH.value, crop_size=_CROP.value, compute_dtype=_DTYPE.value,
+    r.update(case=case, device=device, variant=case_config.model.variant, batch_size=batch,
+             crop_size=args.crop_size, compute_dtype=args.compute_dtype,
              peak_memory_bytes=_peak_memory())
     if "step_s" in r:
       r["step_ms"] = 1e3 * r["step_s"]
-      r["samples_per_s"] = _BATCH.value / r["step_s"]
-      r["flops_per_sample"] = r["flops_per_step"] / _BATCH.value
+      r["samples_per_s"] = batch / r["step_s"]
+      r["flops_per_sample"] = r["flops_per_step"] / batch
       if peak:
         r["mfu"] = r["flops_per_step"] / r["step_s"] / (peak * jax.device_count())
     print(json.dumps(r), flush=True)
     rows.append(r)
-  if _DATA_DIR.value:
-    r = input_case(_DATA_DIR.value, _BATCH.value, _CROP.value, config.input.text_len)
+  if args.data_dir:
+    r = input_case(args.data_dir, batch, args.crop_size, config.input.text_len)
     r.update(case="input_pipeline")
     print(json.dumps(r), flush=True)
-  print(f"\n{'case':10s} {'samples/s':>10s} {'step ms':>9s} {'compile s':>10s} "
+  width = max(10, *(len(r["case"]) for r in rows))
+  print(f"\n{'case':{width}s} {'samples/s':>10s} {'step ms':>9s} {'compile s':>10s} "
         f"{'GFLOP/sample':>13s} {'MFU':>6s} {'peak GiB':>9s}")
   for r in rows:
     if "error" in r:
-      print(f"{r['case']:10s} {r['error']}")
+      print(f"{r['case']:{width}s} {r['error']}")
       continue
     mem = r["peak_memory_bytes"]
-    print(f"{r['case']:10s} {r['samples_per_s']:10.0f} {r['step_ms']:9.1f} {r['compile_s']:10.1f} "
+    print(f"{r['case']:{width}s} {r['samples_per_s']:10.0f} {r['step_ms']:9.1f} {r['compile_s']:10.1f} "
           f"{r['flops_per_sample'] / 1e9:13.2f} {r.get('mfu', float('nan')):6.3f} "
           f"{(mem or 0) / 2**30:9.2f}")
 
 
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a script, so tests can import the module."""
+  config_flags.DEFINE_config_file("config", "configs/pretrain.py:atto,full",
+                                  "Base config; the objective is replaced per case.")
+  flags.DEFINE_list(
+      "objectives", ["encoder", "mp_mae", "full"],
+      "Cases: 'encoder' or an ablation preset (s2_mae, mp_mae, ...), each optionally followed "
+      "by '/field=value' model-config overrides, e.g. 'mp_mae/stem=original'.")
+  flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+  flags.DEFINE_integer("crop_size", 128, "Tile size fed to the model.")
+  flags.DEFINE_integer("steps", 20, "Timed steps per case (after 2 warm-up steps).")
+  flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+  flags.DEFINE_string("data_dir", "", "A built dataset to time the input pipeline on.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

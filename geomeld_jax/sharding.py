@@ -134,7 +134,7 @@ def fsdp_spec(shape: Sequence[int], nbytes: int, fsdp_size: int, *, min_size_to_
   largest dimension divisible by the fsdp axis size (ties go to the later dimension, which for
   kernels is the output-channel one). A large tensor with no divisible dimension stays replicated.
   """
-  if fsdp_size == 1 or nbytes <= min_size_to_shard_mb * 2**20:
+  if fsdp_size == 1 or not shape or nbytes <= min_size_to_shard_mb * 2**20:
     return P()
   # Stable sort on -size keeps the original order among equals; reversing first makes the
   # later dimension win ties.

@@ -20,7 +20,8 @@
 # unpacked into ~/geomeld/src/<sha>; `run` refuses to start unless that SHA is set up there.
 # Uncommitted changes are NOT shipped.
 #
-# Example:
+# Example (first, on this machine, check that the step compiles and fits the slice's HBM:
+#   python -m geomeld_jax.aot --config=configs/pretrain.py:base --topology=v5p:2x2x4 [--config.a.b=v]):
 #   export TPU_NAME=geomeld-v5p ZONE=us-east5-a PROJECT=my-proj ACCELERATOR_TYPE=v5p-32
 #   launch/tpu.sh create --spot && launch/tpu.sh setup
 #   launch/tpu.sh run --workdir=gs://my-bucket/geomeld/base1 --config=configs/pretrain.py:base -- --config.total_steps=100000
@@ -203,7 +204,7 @@ while (( $# )); do
     create|setup|run|logs|stop|delete)
       [[ -z "$SUBCOMMAND" ]] || die "two subcommands given: $SUBCOMMAND and $1"
       SUBCOMMAND="$1" ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift

@@ -1,5 +1,7 @@
 """Mesh construction, the FSDP rule, train-state sharding and batch placement on a 2x4 CPU mesh."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import pretrain
+from geomeld_jax import aot
+from geomeld_jax import records
 from geomeld_jax import sharding
+from geomeld_jax import train_step as ts
 
 MB = 2**20
 
@@ -143,3 +149,19 @@ def test_maybe_initialize_distributed(monkeypatch):
   monkeypatch.setenv(sharding.DISTRIBUTED_ENV_VAR, "yes")
   with pytest.raises(ValueError, match="GEOMELD_DISTRIBUTED must be"):
     sharding.maybe_initialize_distributed()
+
+
+def test_data_parallel_step_moves_no_activations():
+  """On a 2x4 mesh with replicated parameters the MP-MAE step's only collectives are the
+  gradient/metric all-reduces: no activation is gathered across batch shards (the visible-
+  cell gathers must stay per-shard)."""
+  config = pretrain.get_config("smoke,mp_mae")
+  config.mesh = (("data", 2), ("fsdp", 4))
+  assert config.model.mae_visible_only
+  mesh = sharding.make_mesh(config.mesh)
+  setup = ts.setup(config, mesh, records.Normalizer(ts.synthetic_statistics()))
+  hlo = setup.train_step.lower(setup.abstract_state,
+                               aot.abstract_batch(config, mesh)).compile().as_text()
+  collectives = re.findall(
+      r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo)
+  assert collectives and set(collectives) == {"all-reduce"}, sorted(set(collectives))

@@ -12,6 +12,15 @@ sparse FCMAE encoder (objectives.md section 2.2) zeroes masked sites after the s
 before and after every depthwise conv, computes GRN statistics over visible sites only
 and masks each block output, so no visible output depends on a masked input pixel.
 
+The sparse saving of FCMAE without sparse convolutions: when every sample has the same,
+statically known number of visible cells (``random_patch_mask`` guarantees it; pass
+``visible_cells``), each block gathers the visible cells after its depthwise conv and runs
+LN -> MLP -> GRN -> MLP on them only, then scatters them back into the zero map. The per-
+position MLP is ~85% of a block's FLOPs and holds the 4x-wide activations: at 60% masking
+the MP-MAE step's model FLOPs fall 31% (atto, 128 px: 8.67 -> 5.94 GFLOP/sample). The result
+equals the dense emulation (the MLP is per position and GRN's statistics are over visible
+positions in both); only the summation order of GRN's statistic differs.
+
 Two stems:
 * ``'original'``: 4x4 stride-4 conv + LN (total stride 32), weight-compatible with timm
   and the official ConvNeXt-V2 checkpoints (see ``geomeld_jax.models.convert``).
@@ -101,11 +110,51 @@ def random_patch_mask(key: jax.Array, batch: int, grid_h: int, grid_w: int,
   if not 0.0 <= mask_ratio < 1.0:
     raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
   num_cells = grid_h * grid_w
-  len_keep = int(num_cells * (1 - mask_ratio))
+  len_keep = num_visible_cells(grid_h, grid_w, mask_ratio)
   noise = jax.random.uniform(key, (batch, num_cells))
   # rank[i] = position of cell i in the sorted noise; the len_keep lowest are kept.
   rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
   return (rank >= len_keep).reshape(batch, grid_h, grid_w)
+
+
+def num_visible_cells(grid_h: int, grid_w: int, mask_ratio: float) -> int:
+  """Visible cells per sample of a `random_patch_mask` (static)."""
+  return int(grid_h * grid_w * (1 - mask_ratio))
+
+
+def visible_cell_indices(mask: jax.Array, visible_cells: int) -> tuple[jax.Array, jax.Array]:
+  """(B, visible_cells) raster indices of the visible cells of a (B, h, w) mask, and a (B,)
+  bool that is False for a sample whose visible count is not `visible_cells`."""
+  flat = mask.reshape(mask.shape[0], -1)
+  order = jnp.argsort(flat, axis=1, stable=True)  # False (visible) first, in raster order
+  exact = jnp.sum(~flat, axis=1) == visible_cells
+  return order[:, :visible_cells], exact
+
+
+def gather_cells(x: jax.Array, cells: jax.Array, cell_size: int) -> jax.Array:
+  """The pixels of the given cells: x (B, H, W, C), cells (B, K) -> (B, K*cell_size**2, C)."""
+  b, height, width, c = x.shape
+  f = cell_size
+  by_cell = x.reshape(b, height // f, f, width // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  by_cell = by_cell.reshape(b, (height // f) * (width // f), f * f, c)
+  # vmap, not x[arange(B)[:, None], cells]: a per-sample gather carries batching dims, so
+  # the partitioner keeps it local to each batch shard (advanced indexing over the batch
+  # all-gathers the activations of every device).
+  picked = jax.vmap(lambda xs, cs: xs[cs])(by_cell, cells)  # (B, K, f*f, C)
+  return picked.reshape(b, -1, c)
+
+
+def scatter_cells(tokens: jax.Array, cells: jax.Array, cell_size: int, height: int,
+                  width: int) -> jax.Array:
+  """Inverse of `gather_cells`: a (B, H, W, C) map, zero outside the given cells."""
+  b, _, c = tokens.shape
+  f = cell_size
+  k = cells.shape[1]
+  zeros = jnp.zeros(((height // f) * (width // f), f * f, c), tokens.dtype)
+  by_cell = jax.vmap(lambda ts, cs: zeros.at[cs].set(ts, unique_indices=True))(
+      tokens.reshape(b, k, f * f, c), cells)
+  by_cell = by_cell.reshape(b, height // f, width // f, f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return by_cell.reshape(b, height, width, c)
 
 
 def param_count(module: nnx.Module) -> int:
@@ -140,13 +189,16 @@ class GRN(nnx.Module):
     self.beta = nnx.Param(jnp.zeros((dim,), param_dtype))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x (B, H, W, C); mask (B, H, W, 1) bool/float, 1 = MASKED (the FCMAE convention).
+    """x (B, H, W, C) or gathered tokens (B, N, C); mask (B, H, W, 1) bool/float, 1 = MASKED
+    (the FCMAE convention).
 
-    With a mask, Gx sums over the visible (mask == 0) positions only.
+    Gx sums over every axis between batch and channels; with a mask, over the visible
+    (mask == 0) positions only.
     """
     x32 = x.astype(jnp.float32)
     visible = x32 if mask is None else _zero_masked(x32, _as_bool_mask(mask))
-    gx = jnp.sqrt(jnp.sum(jnp.square(visible), axis=(1, 2), keepdims=True) + GRN_EPS)
+    positions = tuple(range(1, x.ndim - 1))
+    gx = jnp.sqrt(jnp.sum(jnp.square(visible), axis=positions, keepdims=True) + GRN_EPS)
     nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + GRN_EPS)
     gamma = self.gamma[...].astype(jnp.float32)
     beta = self.beta[...].astype(jnp.float32)
@@ -173,22 +225,34 @@ class Block(nnx.Module):
                       if drop_path > 0.0 else None)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               deterministic: bool = True,
+               visible: tuple[jax.Array, int] | None = None, deterministic: bool = True,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
     """x (B, H, W, C); mask (B, H, W, 1) float/bool, 1 = masked; None = dense block.
 
-    ``rngs`` (optional) overrides the drop-path random stream given at construction.
+    ``visible``: (cells (B, K) from `visible_cell_indices`, cell size in pixels at this
+    resolution): the MLP runs on the K visible cells only (same result, less work); they
+    must be exactly the cells the mask leaves visible. ``rngs`` (optional) overrides the
+    drop-path random stream given at construction.
     """
     mask = None if mask is None else _as_bool_mask(mask)
     x = _zero_masked(x, mask)  # LN and Linear biases make masked sites non-zero upstream
-    y = _zero_masked(self.dwconv(x), mask)
-    y = self.norm(y)
-    y = jax.nn.gelu(self.pwconv1(y), approximate=False)
-    y = self.grn(y, mask)
-    y = self.pwconv2(y)
+    y = self.dwconv(x)
+    if visible is None:
+      y = self._mlp(_zero_masked(y, mask), mask)
+    else:
+      cells, cell_size = visible
+      y = scatter_cells(self._mlp(gather_cells(y, cells, cell_size), None), cells, cell_size,
+                        x.shape[1], x.shape[2])
     if self.drop_path is not None:
       y = self.drop_path(y, deterministic=deterministic, rngs=rngs)
     return _zero_masked(x + y, mask)
+
+  def _mlp(self, y: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """LN -> Linear 4x -> GELU -> GRN -> Linear, per position (maps or gathered tokens)."""
+    y = self.norm(y)
+    y = jax.nn.gelu(self.pwconv1(y), approximate=False)
+    y = self.grn(y, mask)
+    return self.pwconv2(y)
 
 
 class ConvNeXtV2(nnx.Module):
@@ -289,18 +353,28 @@ class ConvNeXtV2(nnx.Module):
             f"shape {tuple(jnp.shape(mask))}")
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               deterministic: bool = True,
+               visible_cells: int | None = None, deterministic: bool = True,
                rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """Encodes x (B, H, W, in_chans); mask (B, H/stride, W/stride), 1 = masked, or None.
 
     Returns (final map (B, H/stride, W/stride, dims[-1]), [the four stage outputs]).
-    With a mask, masked sites are zero in every returned map. ``rngs`` (optional) drives
-    drop path when ``deterministic`` is False: an ``nnx.Rngs`` or a key (folded with the
-    block index, so blocks draw independently); without it the streams given at
-    construction are used.
+    With a mask, masked sites are zero in every returned map. ``visible_cells`` (static):
+    the number of visible cells that EVERY sample of ``mask`` has (a `random_patch_mask`'s
+    `num_visible_cells`); blocks then compute on visible cells only. A sample with another
+    count gets NaN outputs (loud, caught by the train loop's NaN stop) rather than a silently
+    wrong encoding. ``rngs`` (optional) drives drop path when ``deterministic`` is False: an
+    ``nnx.Rngs`` or a key (folded with the block index, so blocks draw independently);
+    without it the streams given at construction are used.
     """
     self._check_inputs(x, mask)
     grid_mask = None if mask is None else _as_bool_mask(mask)
+    if visible_cells is not None:
+      if grid_mask is None:
+        raise ValueError("visible_cells needs a mask")
+      num_cells = grid_mask.shape[1] * grid_mask.shape[2]
+      if not 0 < visible_cells <= num_cells:
+        raise ValueError(f"visible_cells must be in [1, {num_cells}], got {visible_cells}")
+      cells, exact = visible_cell_indices(grid_mask, visible_cells)
 
     def mask_at(factor: int) -> jax.Array | None:
       return None if grid_mask is None else upsample_mask(grid_mask, factor)[..., None]
@@ -316,7 +390,9 @@ class ConvNeXtV2(nnx.Module):
     stage_outputs = []
     block_index = 0
     for i in range(num_stages):
-      stage_mask = mask_at(2 ** (num_stages - 1 - i))
+      cell_size = 2 ** (num_stages - 1 - i)
+      stage_mask = mask_at(cell_size)
+      visible = None if visible_cells is None else (cells, cell_size)
       if i > 0:
         # A 2x2 stride-2 window never straddles a mask cell (cells are >= 2 px wide
         # here), so the downsampler needs no extra masking; the blocks re-mask.
@@ -326,8 +402,12 @@ class ConvNeXtV2(nnx.Module):
         block_rngs = rngs
         if isinstance(rngs, jax.Array):  # one raw key would give every block the same draw
           block_rngs = jax.random.fold_in(rngs, block_index)
-        x = block(x, stage_mask, deterministic=deterministic, rngs=block_rngs)
+        x = block(x, stage_mask, visible=visible, deterministic=deterministic, rngs=block_rngs)
         block_index += 1
       stage_outputs.append(x)
+    if visible_cells is not None:
+      poison = ~exact[:, None, None, None]
+      stage_outputs = [jnp.where(poison, jnp.array(jnp.nan, o.dtype), o) for o in stage_outputs]
+      x = stage_outputs[-1]
     return x, stage_outputs
 

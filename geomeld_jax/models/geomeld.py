@@ -55,6 +55,9 @@ class GeoMeldFMConfig:
   patch_size: int = 16  # 128-px tiles -> 8x8 final grid
   drop_path_rate: float = 0.0  # FCMAE pretraining uses 0
   mask_ratio: float = 0.6
+  # The MAE pass runs each block's MLP on the visible cells only (FCMAE's sparse saving,
+  # same result; see convnextv2). False: the dense masked emulation everywhere.
+  mae_visible_only: bool = True
   # MP-MAE decoders and targets.
   targets: tuple[str, ...] = ALL_TARGETS
   decoder_width: int = 512
@@ -336,7 +339,9 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   grid_h, grid_w = model.encoder.grid_shape(h, w)
   stride = model.encoder.stride
   mask = convnextv2.random_patch_mask(k_mask, b, grid_h, grid_w, cfg.mask_ratio)
-  feats, _ = model.encoder(x, mask, **enc_kw)
+  visible_cells = (convnextv2.num_visible_cells(grid_h, grid_w, cfg.mask_ratio)
+                   if cfg.mae_visible_only else None)
+  feats, _ = model.encoder(x, mask, visible_cells=visible_cells, **enc_kw)
   preds = model.decoder(feats, mask)
   terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss)
            for t in cfg.targets}

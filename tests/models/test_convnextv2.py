@@ -217,6 +217,58 @@ def test_all_visible_mask_equals_unmasked_bit_for_bit(atto_patch, inputs):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _loss_and_grad(graphdef, state, x, mask, visible_cells):
+  def loss(state):
+    out, stages = nnx.merge(graphdef, state)(x, mask, visible_cells=visible_cells)
+    return jnp.sum(jnp.square(out)), stages
+  return jax.value_and_grad(loss, has_aux=True)(state)
+
+
+def test_visible_cells_path_equals_dense_masked_path(atto_patch):
+  """The gathered (sparse) MLP gives the dense masked encoder's outputs and gradients."""
+  x = jax.random.normal(jax.random.key(5), (3, 64, 64, BANDS))
+  mask = cv.random_patch_mask(jax.random.key(6), 3, 4, 4, mask_ratio=0.6)
+  visible_cells = cv.num_visible_cells(4, 4, 0.6)
+  assert visible_cells == 6
+  graphdef, state = nnx.split(atto_patch)
+  (loss_d, stages_d), grads_d = _loss_and_grad(graphdef, state, x, mask, None)
+  (loss_s, stages_s), grads_s = _loss_and_grad(graphdef, state, x, mask, visible_cells)
+  np.testing.assert_allclose(loss_s, loss_d, rtol=1e-5)
+  for a, b in zip(stages_s, stages_d):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_d)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
+                               atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
+
+
+def test_visible_cells_count_mismatch_poisons_only_that_sample(atto_patch):
+  x = jax.random.normal(jax.random.key(7), (2, 64, 64, BANDS))
+  mask = cv.random_patch_mask(jax.random.key(8), 2, 4, 4, mask_ratio=0.5)
+  mask = mask.at[1, 0, 0].set(~mask[1, 0, 0])  # sample 1 now has 7 or 9 visible cells
+  graphdef, state = nnx.split(atto_patch)
+  (_, stages), _ = _loss_and_grad(graphdef, state, x, mask, 8)
+  for stage in stages:
+    assert np.isfinite(np.asarray(stage[0])).all() and np.isnan(np.asarray(stage[1])).all()
+  with pytest.raises(ValueError, match="visible_cells needs a mask"):
+    atto_patch(x, None, visible_cells=8)
+  with pytest.raises(ValueError, match=r"visible_cells must be in \[1, 16\], got 0"):
+    atto_patch(x, mask, visible_cells=0)
+
+
+def test_gather_scatter_cells_round_trip():
+  x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  cells = jnp.asarray([[0, 3], [2, 1]])  # a 2x2 grid of 4x4-pixel cells
+  tokens = cv.gather_cells(x, cells, 4)
+  assert tokens.shape == (2, 2 * 16, 3)
+  np.testing.assert_array_equal(tokens[0, :16].reshape(4, 4, 3), x[0, :4, :4])
+  np.testing.assert_array_equal(tokens[1, :16].reshape(4, 4, 3), x[1, 4:, :4])
+  back = cv.scatter_cells(tokens, cells, 4, 8, 8)
+  keep = np.zeros((2, 8, 8, 1), bool)
+  keep[0, :4, :4] = keep[0, 4:, 4:] = keep[1, 4:, :4] = keep[1, :4, 4:] = True
+  np.testing.assert_array_equal(back, np.where(keep, x, 0.0))
+
+
 def _grn_numpy(x, gamma, beta, mask=None):
   x = x.astype(np.float64)
   visible = x if mask is None else np.where(mask, 0.0, x)
