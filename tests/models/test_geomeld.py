@@ -5,6 +5,7 @@ each preset's jitted forward+backward to one small compile; XLA optimisations ar
 off for this module only (numerics are unaffected, compiles are ~2x faster).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -136,6 +137,25 @@ def test_preset_forward_backward(preset, batch):
     np.testing.assert_allclose(float(metrics["logit_scale"]), losses.LOGIT_SCALE_INIT)
     assert float(metrics["count/itc"]) == HAS_CAPTION.sum()
   assert 0.5 < float(metrics["mask_ratio"]) < 0.8
+
+
+def test_visible_only_mae_pass_equals_the_dense_one(batch):
+  """`mae_visible_only` changes how the MAE pass computes, not what: same loss and grads."""
+  sparse = _compiled("mp_mae")
+  assert sparse.config.mae_visible_only
+  dense_cfg = dataclasses.replace(sparse.config, mae_visible_only=False)
+  model_def = dataclasses.replace(sparse.model_def, config=dense_cfg)
+  dense = jax.jit(jax.value_and_grad(
+      lambda p, b, r: geomeld.loss_fn(p, None, model_def, b, r), has_aux=True))
+  (loss_s, metrics_s), (grads_s, _) = sparse.step(sparse.params, None, batch, jax.random.key(1))
+  (loss_d, metrics_d), grads_d = dense(sparse.params, batch, jax.random.key(1))
+  np.testing.assert_allclose(float(loss_s), float(loss_d), rtol=1e-5)
+  for term in sparse.config.loss_terms:
+    np.testing.assert_allclose(float(metrics_s[f"loss/{term}"]), float(metrics_d[f"loss/{term}"]),
+                               rtol=1e-4, err_msg=term)
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_d)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
+                               atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
 
 
 def test_full_uses_the_teacher_and_blocks_nan(batch):
