@@ -82,10 +82,12 @@ def compile_train_step(config, devices) -> dict[str, Any]:
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state_bytes = sum(
-      int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-      for leaf in jax.tree.leaves(setup.abstract_state)
-      for shard_shape in [leaf.sharding.shard_shape(leaf.shape)])
+  def nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+  leaves = jax.tree.leaves(setup.abstract_state)
+  state_bytes = sum(nbytes(x.shape, x.dtype) for x in leaves)
+  state_bytes_per_chip = sum(nbytes(x.sharding.shard_shape(x.shape), x.dtype) for x in leaves)
   # Donated state aliases its outputs, so live bytes = arguments + temporaries + the
   # outputs that do not reuse an argument's buffer.
   total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
@@ -98,7 +100,7 @@ def compile_train_step(config, devices) -> dict[str, Any]:
       "mesh": {name: int(size) for name, size in mesh.shape.items()},
       "config": config.arg, "global_batch_size": int(config.input.global_batch_size),
       "crop_size": int(config.input.crop_size),
-      "state_bytes_per_chip": state_bytes,
+      "state_bytes": state_bytes, "state_bytes_per_chip": state_bytes_per_chip,
       "argument_bytes_per_chip": mem.argument_size_in_bytes,
       "temp_bytes_per_chip": mem.temp_size_in_bytes,
       "total_bytes_per_chip": total,

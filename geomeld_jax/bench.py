@@ -4,7 +4,7 @@ r"""Train-step benchmark: one JSON line per case, then a short table.
       --objectives=encoder,s2_mae,mp_mae,full --batch_size=256 --steps=20
 
 A case may override model fields after a '/', to compare variants in one run (one GPU call):
-  --objectives=mp_mae,mp_mae/stem=original,mp_mae/patch_size=32/vision_embedding=unmasked
+  --objectives=mp_mae,mp_mae/stem=original,full/patch_size=32/vision_embedding=unmasked
 
 Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, peak device memory, and (when grain and a built dataset are
 available: --data_dir) the input pipeline's host samples/s. Batches are synthetic and live in
@@ -45,10 +45,16 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275
                    "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
+# The fields an ablation preset sets (geomeld.GeoMeldFMConfig.preset): a case picks them by
+# naming the preset, so they cannot be overridden after '/'.
+PRESET_FIELDS = ("targets", "jepa", "itc", "loss_weighting")
+
+
 def parse_case(case: str, model_fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
   """'mp_mae/stem=original/patch_size=32' -> ('mp_mae', {'stem': 'original', 'patch_size': 32}).
 
-  Values take the type of the config's current value; an unknown field is an error naming it.
+  Values take the type of the config's current value; an unknown field, or one the preset
+  sets, is an error naming it.
   """
   name, *assignments = case.split("/")
   overrides = {}
@@ -57,6 +63,9 @@ def parse_case(case: str, model_fields: dict[str, Any]) -> tuple[str, dict[str, 
     if not sep or field not in model_fields:
       raise ValueError(f"case {case!r}: {assignment!r} is not field=value for a model field "
                        f"(fields: {sorted(model_fields)})")
+    if field in PRESET_FIELDS:
+      raise ValueError(f"case {case!r}: {field} is set by the preset; name another preset "
+                       f"({', '.join(geomeld.PRESETS)}) instead")
     current = model_fields[field]
     if isinstance(current, bool):
       if text not in ("true", "false", "True", "False"):
@@ -127,8 +136,7 @@ def train_case(config, mesh, objective: str, batch_size: int, crop: int, dtype: 
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     mcfg = dataclasses.asdict(geomeld.GeoMeldFMConfig.preset(
-        objective, **{k: v for k, v in cfg.model.items() if k not in ("targets", "jepa", "itc",
-                                                                      "loss_weighting")}))
+        objective, **{k: v for k, v in cfg.model.items() if k not in PRESET_FIELDS}))
     mcfg["compute_dtype"] = dtype
     cfg.model = mcfg
     cfg.input.global_batch_size = batch_size

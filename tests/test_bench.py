@@ -17,12 +17,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_parse_case_types_overrides_by_the_config_value():
   fields = dict(pretrain.get_config("atto,mp_mae").model.items())
   assert bench.parse_case("mp_mae", fields) == ("mp_mae", {})
-  assert bench.parse_case("mp_mae/stem=original/patch_size=32/jepa=true", fields) == (
-      "mp_mae", {"stem": "original", "patch_size": 32, "jepa": True})
+  assert bench.parse_case("mp_mae/stem=original/patch_size=32/text_causal=false", fields) == (
+      "mp_mae", {"stem": "original", "patch_size": 32, "text_causal": False})
   with pytest.raises(ValueError, match="'stme=original' is not field=value for a model field"):
     bench.parse_case("mp_mae/stme=original", fields)
-  with pytest.raises(ValueError, match="jepa takes true/false"):
-    bench.parse_case("mp_mae/jepa=yes", fields)
+  with pytest.raises(ValueError, match="text_causal takes true/false"):
+    bench.parse_case("mp_mae/text_causal=yes", fields)
+  with pytest.raises(ValueError, match="jepa is set by the preset; name another preset"):
+    bench.parse_case("mp_mae/jepa=true", fields)
 
 
 @pytest.mark.slow
