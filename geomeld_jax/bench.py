@@ -7,7 +7,9 @@ A case may override model fields after a '/', to compare variants in one run (on
   --objectives=mp_mae,mp_mae/stem=original,full/patch_size=32/vision_embedding=unmasked
 
 Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, peak device memory, and (when grain and a built dataset are
-available: --data_dir) the input pipeline's host samples/s. Batches are synthetic and live in
+available: --data_dir) the input pipeline's host samples/s. With --profile_dir, each case also
+traces 3 steps (TensorBoard/Perfetto files under profile_dir/<case>/) and prints its 15 most
+expensive device ops per step: where the time goes, from the same single GPU call. Batches are synthetic and live in
 device memory, so the step is measured alone; the mesh spans every local device.
 Case 'encoder' is the plain ConvNeXtV2 forward+backward (the speed reference in
 ARCHITECTURE.md); the others are the full train step of that ablation preset.
@@ -20,8 +22,13 @@ too (`xla_step_flops`), but it is inflated: it prices the weight gradient of a d
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
 import json
+import os
+import re
 import time
 from typing import Any
 
@@ -103,7 +110,87 @@ def _time_steps(run, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def encoder_case(config, mesh, batch_size: int, crop: int, dtype: str, steps: int) -> dict:
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX op it came from (metadata op_name), from `as_text()`."""
+  pattern = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]+)"',
+                       re.MULTILINE)
+  return {name: op for name, op in pattern.findall(hlo_text)}
+
+
+# Block parts named by convnextv2's scopes: where inside the encoder the time goes.
+_PARTS = re.compile(r"/(stem|downsample\d|dwconv|mlp|gather|scatter)/")
+
+
+def device_time_profile(trace_dir: str, num_steps: int, hlo_text: str = "",
+                        top: int = 15) -> dict[str, Any]:
+  """Where a step's device time goes, from a `jax.profiler` Perfetto trace.
+
+  Device ops are the events of the '/device:*' processes (GPU streams, TPU 'XLA Ops'), minus
+  the per-module and per-step envelope lines; on a CPU-only trace, the XLA worker threads'
+  events minus the runtime's own '::' spans. Events are grouped by HLO instruction (kernel
+  name when the trace has none) and labelled with the JAX op behind it (from `hlo_text`).
+
+  Returns {"top_ops": the `top` ops by time, "by_branch": share per loss branch (the
+  named scopes of geomeld.loss_fn; '-' = unscoped: optimizer, loss combination),
+  "by_part": share per encoder part (stem, dwconv, mlp, gather, scatter, downsample)}.
+  """
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  processes = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+
+  def is_op(e) -> bool:
+    thread = threads.get((e["pid"], e["tid"]), "")
+    if devices:
+      return e["pid"] in devices and not re.search(r"Modules|Steps|Framework|Source", thread)
+    return thread.startswith("tf_XLA") and "::" not in e["name"]
+
+  total: dict[str, float] = collections.defaultdict(float)
+  count: dict[str, int] = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and is_op(e):
+      name = e.get("args", {}).get("hlo_op") or e["name"]
+      total[name] += float(e.get("dur", 0.0))
+      count[name] += 1
+  device_us = sum(total.values())
+  jax_ops = hlo_op_names(hlo_text)
+  by_branch: dict[str, float] = collections.defaultdict(float)
+  by_part: dict[str, float] = collections.defaultdict(float)
+  for name, us in total.items():
+    jax_op = jax_ops.get(name, "")
+    branch = re.search(r"jvp\((\w+)\)", jax_op)
+    by_branch[branch.group(1) if branch else "-"] += us / device_us
+    part = _PARTS.search(jax_op)
+    by_part[part.group(1) if part else "-"] += us / device_us
+  top_ops = [{"op": name, "jax_op": jax_ops.get(name, ""), "ms_per_step": us / 1e3 / num_steps,
+              "share": us / device_us, "calls_per_step": count[name] / num_steps}
+             for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
+
+  def ranked(shares):
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+  return {"device_ms_per_step": device_us / 1e3 / num_steps, "top_ops": top_ops,
+          "by_branch": ranked(by_branch), "by_part": ranked(by_part)}
+
+
+def _profile(run, compiled, profile_dir: str, steps: int = 3) -> dict[str, Any]:
+  jax.block_until_ready(run())
+  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      out = run()
+    jax.block_until_ready(out)
+  return device_time_profile(profile_dir, steps, compiled.as_text())
+
+
+def encoder_case(config, mesh, batch_size: int, crop: int, dtype: str, steps: int,
+                 profile_dir: str | None = None) -> dict:
   """Plain ConvNeXtV2 forward+backward with a trivial loss (no masking, no decoder)."""
   mcfg = ts.model_config(config)
   model = convnextv2.ConvNeXtV2(mcfg.variant, mod.SENTINEL2.num_bands, stem=mcfg.stem,
@@ -127,12 +214,15 @@ def encoder_case(config, mesh, batch_size: int, crop: int, dtype: str, steps: in
   compile_s = time.perf_counter() - t0
   forward = jax.jit(loss).lower(params, x).compile()
   step_s = _time_steps(lambda: compiled(params, x), steps)
-  return {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
-          "xla_step_flops": _flops(compiled)}
+  out = {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
+         "xla_step_flops": _flops(compiled)}
+  if profile_dir:
+    out["profile"] = _profile(lambda: compiled(params, x), compiled, profile_dir)
+  return out
 
 
 def train_case(config, mesh, objective: str, batch_size: int, crop: int, dtype: str,
-               steps: int) -> dict:
+               steps: int, profile_dir: str | None = None) -> dict:
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     mcfg = dataclasses.asdict(geomeld.GeoMeldFMConfig.preset(
@@ -157,8 +247,11 @@ def train_case(config, mesh, objective: str, batch_size: int, crop: int, dtype: 
 
   step_s = _time_steps(run, steps)
   loss = float(jax.device_get(run()))
-  return {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
-          "xla_step_flops": _flops(compiled), "final_loss": loss}
+  out = {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
+         "xla_step_flops": _flops(compiled), "final_loss": loss}
+  if profile_dir:
+    out["profile"] = _profile(run, compiled, profile_dir)
+  return out
 
 
 def input_case(data_dir: str, batch_size: int, crop: int, text_len: int, seconds: float = 10.0
@@ -187,7 +280,9 @@ def main(argv):
   rows: list[dict[str, Any]] = []
   cases = [(case, *parse_case(case, dict(config.model.items()))) for case in args.objectives]
   for case, objective, overrides in cases:
-    kw = dict(batch_size=batch, crop=args.crop_size, dtype=args.compute_dtype, steps=args.steps)
+    kw = dict(batch_size=batch, crop=args.crop_size, dtype=args.compute_dtype, steps=args.steps,
+              profile_dir=(os.path.join(args.profile_dir, re.sub(r"[^\w.-]", "_", case))
+                           if args.profile_dir else None))
     case_config = config.copy_and_resolve_references()
     with case_config.unlocked():
       case_config.model.update(overrides)
@@ -208,6 +303,8 @@ def main(argv):
       if peak:
         r["mfu"] = r["flops_per_step"] / r["step_s"] / (peak * jax.device_count())
     print(json.dumps(r), flush=True)
+    if "profile" in r:
+      _print_profile(r["profile"])
     rows.append(r)
   if args.data_dir:
     r = input_case(args.data_dir, batch, args.crop_size, config.input.text_len)
@@ -226,6 +323,19 @@ def main(argv):
           f"{(mem or 0) / 2**30:9.2f}")
 
 
+def _print_profile(profile: dict[str, Any]) -> None:
+  def shares(d):
+    return " | ".join(f"{k} {100 * v:.0f}%" for k, v in d.items() if v >= 0.005)
+
+  print(f"  device time {profile['device_ms_per_step']:.1f} ms/step; by branch: "
+        f"{shares(profile['by_branch'])}")
+  print(f"  by encoder part: {shares(profile['by_part'])}")
+  for op in profile["top_ops"]:
+    print(f"  {op['ms_per_step']:9.3f} ms {100 * op['share']:5.1f}% "
+          f"x{op['calls_per_step']:<4.0f} {op['op'][:40]:40s} {op['jax_op'][-90:]}")
+  print(flush=True)
+
+
 def define_flags() -> None:
   """The CLI's flags; defined only when run as a script, so tests can import the module."""
   config_flags.DEFINE_config_file("config", "configs/pretrain.py:atto,full",
@@ -239,6 +349,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 20, "Timed steps per case (after 2 warm-up steps).")
   flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
   flags.DEFINE_string("data_dir", "", "A built dataset to time the input pipeline on.")
+  flags.DEFINE_string("profile_dir", "", "Also trace 3 steps per case here and print the top "
+                      "device ops (empty: no profile).")
 
 
 if __name__ == "__main__":

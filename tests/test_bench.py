@@ -28,10 +28,11 @@ def test_parse_case_types_overrides_by_the_config_value():
 
 
 @pytest.mark.slow
-def test_cli_prints_one_json_line_per_case():
+def test_cli_prints_one_json_line_per_case_with_its_profile(tmp_path):
   cmd = [sys.executable, "-m", "geomeld_jax.bench", "--config=configs/pretrain.py:smoke",
          "--objectives=encoder,encoder/stem=original,s2_mae", "--batch_size=8",
-         "--crop_size=32", "--steps=1", "--compute_dtype=float32"]
+         "--crop_size=32", "--steps=1", "--compute_dtype=float32",
+         f"--profile_dir={tmp_path}"]
   out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
   rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -42,3 +43,13 @@ def test_cli_prints_one_json_line_per_case():
   # The original stem (stride 4, total 32) does far less work than the smoke patch-8 stem.
   assert rows[1]["flops_per_sample"] < rows[0]["flops_per_sample"] / 4
   assert "samples/s" in out.splitlines()[-4]  # the closing table's header
+  # Each case's trace is kept and summarised; the model's named scopes label the ops.
+  assert (tmp_path / "encoder_stem_original").is_dir()
+  for r in rows:
+    profile = r["profile"]
+    assert profile["device_ms_per_step"] > 0 and profile["top_ops"]
+    assert sum(profile["by_branch"].values()) == pytest.approx(1.0)
+    assert {"dwconv", "mlp"} <= set(profile["by_part"])
+  assert "mae_encoder" in rows[2]["profile"]["by_branch"]
+  assert any("/dwconv/" in op["jax_op"] for op in rows[2]["profile"]["top_ops"])
+  assert "by encoder part: " in out

@@ -236,13 +236,19 @@ class Block(nnx.Module):
     """
     mask = None if mask is None else _as_bool_mask(mask)
     x = _zero_masked(x, mask)  # LN and Linear biases make masked sites non-zero upstream
-    y = self.dwconv(x)
+    with jax.named_scope("dwconv"):  # scopes name the ops in profiles (geomeld_jax.bench)
+      y = self.dwconv(x)
     if visible is None:
-      y = self._mlp(_zero_masked(y, mask), mask)
+      with jax.named_scope("mlp"):
+        y = self._mlp(_zero_masked(y, mask), mask)
     else:
       cells, cell_size = visible
-      y = scatter_cells(self._mlp(gather_cells(y, cells, cell_size), None), cells, cell_size,
-                        x.shape[1], x.shape[2])
+      with jax.named_scope("gather"):
+        tokens = gather_cells(y, cells, cell_size)
+      with jax.named_scope("mlp"):
+        tokens = self._mlp(tokens, None)
+      with jax.named_scope("scatter"):
+        y = scatter_cells(tokens, cells, cell_size, x.shape[1], x.shape[2])
     if self.drop_path is not None:
       y = self.drop_path(y, deterministic=deterministic, rngs=rngs)
     return _zero_masked(x + y, mask)
@@ -381,12 +387,13 @@ class ConvNeXtV2(nnx.Module):
 
     num_stages = len(self.depths)
     x = _zero_masked(jnp.asarray(x, self.dtype), mask_at(self.stride))
-    if self.stem == "original":
-      x = self.stem_norm(self.stem_conv(x))
-    else:
-      x = jax.nn.gelu(self.stem_norm(self.stem_conv(x)), approximate=False)
-      x = _zero_masked(x, mask_at(self.stride))  # sparse semantics at full resolution
-      x = self.stem_patch_norm(self.stem_patch_conv(x))
+    with jax.named_scope("stem"):
+      if self.stem == "original":
+        x = self.stem_norm(self.stem_conv(x))
+      else:
+        x = jax.nn.gelu(self.stem_norm(self.stem_conv(x)), approximate=False)
+        x = _zero_masked(x, mask_at(self.stride))  # sparse semantics at full resolution
+        x = self.stem_patch_norm(self.stem_patch_conv(x))
     stage_outputs = []
     block_index = 0
     for i in range(num_stages):
@@ -396,13 +403,16 @@ class ConvNeXtV2(nnx.Module):
       if i > 0:
         # A 2x2 stride-2 window never straddles a mask cell (cells are >= 2 px wide
         # here), so the downsampler needs no extra masking; the blocks re-mask.
-        x = self.downsample_convs[i - 1](self.downsample_norms[i - 1](x))
+        with jax.named_scope(f"downsample{i}"):
+          x = self.downsample_convs[i - 1](self.downsample_norms[i - 1](x))
       x = _zero_masked(x, stage_mask)
-      for block in self.stages[i]:
+      for j, block in enumerate(self.stages[i]):
         block_rngs = rngs
         if isinstance(rngs, jax.Array):  # one raw key would give every block the same draw
           block_rngs = jax.random.fold_in(rngs, block_index)
-        x = block(x, stage_mask, visible=visible, deterministic=deterministic, rngs=block_rngs)
+        with jax.named_scope(f"stage{i}_block{j}"):
+          x = block(x, stage_mask, visible=visible, deterministic=deterministic,
+                    rngs=block_rngs)
         block_index += 1
       stage_outputs.append(x)
     if visible_cells is not None:

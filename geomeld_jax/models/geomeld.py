@@ -341,10 +341,13 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   mask = convnextv2.random_patch_mask(k_mask, b, grid_h, grid_w, cfg.mask_ratio)
   visible_cells = (convnextv2.num_visible_cells(grid_h, grid_w, cfg.mask_ratio)
                    if cfg.mae_visible_only else None)
-  feats, _ = model.encoder(x, mask, visible_cells=visible_cells, **enc_kw)
-  preds = model.decoder(feats, mask)
-  terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss)
-           for t in cfg.targets}
+  # Named scopes label each branch's ops in profiles (geomeld_jax.bench --profile_dir).
+  with jax.named_scope("mae_encoder"):
+    feats, _ = model.encoder(x, mask, visible_cells=visible_cells, **enc_kw)
+  with jax.named_scope("mae_decoders"):
+    preds = model.decoder(feats, mask)
+    terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss)
+             for t in cfg.targets}
   metrics: dict[str, jax.Array] = {"mask_ratio": jnp.mean(mask.astype(jnp.float32))}
 
   if cfg.jepa:
@@ -354,11 +357,14 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
         k_jepa, b, grid_h, grid_w, num_targets=cfg.jepa_num_targets,
         target_scale=cfg.jepa_target_scale, target_aspect=cfg.jepa_target_aspect,
         context_scale=cfg.jepa_context_scale, min_context=cfg.jepa_min_context)
-    context_feats, _ = model.encoder(x, ~masks.context, **enc_kw)
-    pred = model.jepa_predictor(context_feats, masks.context)
+    with jax.named_scope("jepa_context_encoder"):
+      context_feats, _ = model.encoder(x, ~masks.context, **enc_kw)
+    with jax.named_scope("jepa_predictor"):
+      pred = model.jepa_predictor(context_feats, masks.context)
     enc_graphdef, _, enc_rest = nnx.split(model.encoder, nnx.Param, ...)
     teacher = nnx.merge(enc_graphdef, jax.lax.stop_gradient(ema_params), enc_rest)
-    teacher_feats = jax.lax.stop_gradient(teacher(x, None, deterministic=True)[0])
+    with jax.named_scope("jepa_teacher"):
+      teacher_feats = jax.lax.stop_gradient(teacher(x, None, deterministic=True)[0])
     terms["jepa"] = losses.jepa_loss(pred, teacher_feats, masks.target, kind=cfg.jepa_loss)
     metrics["jepa/target_std"] = _channel_std(losses.layer_norm_no_affine(teacher_feats))
     metrics["jepa/pred_std"] = _channel_std(pred)
@@ -372,10 +378,12 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
       pooled = (jnp.sum(jnp.where(visible, f32, 0.0), axis=(1, 2))
                 / jnp.maximum(jnp.sum(visible, axis=(1, 2)), 1).astype(jnp.float32))
     else:
-      full, _ = model.encoder(x, None, **enc_kw)
+      with jax.named_scope("itc_encoder"):
+        full, _ = model.encoder(x, None, **enc_kw)
       pooled = jnp.mean(full.astype(jnp.float32), axis=(1, 2))
     img = model.embed_image(pooled)
-    txt = model.embed_text(batch["text_tokens"])
+    with jax.named_scope("itc_text_tower"):
+      txt = model.embed_text(batch["text_tokens"])
     has_caption = batch["has_caption"]
     logit_scale = model.logit_scale[...]
     if cfg.itc_loss == "clip":
