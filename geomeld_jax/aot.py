@@ -61,23 +61,14 @@ def topology_devices(topology: str) -> list[Any]:
                      f"'v4:2x2x1', 'v5p:2x2x1', 'v6e:4x4'): {e}") from e
 
 
-def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the step receives, as sharded ShapeDtypeStructs (storage dtypes)."""
-  one = ts.synthetic_batch(ts.model_config(config), 1, config.input.crop_size,
-                           config.input.text_len)
-  batch_sh = sharding.batch_sharding(mesh)
-  size = int(config.input.global_batch_size)
-  return {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype, sharding=batch_sh)
-          for k, v in one.items()}
-
-
 def compile_train_step(config, devices) -> dict[str, Any]:
   """Compiles `config`'s train step for `devices`; returns the memory/cost report."""
   sharding.set_global_flags("allow")
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.per_process_batch_size(config.input.global_batch_size, mesh)  # split check
   setup = ts.setup(config, mesh, records.Normalizer(ts.synthetic_statistics()))
-  compiled = setup.train_step.lower(setup.abstract_state, abstract_batch(config, mesh)).compile()
+  compiled = setup.train_step.lower(setup.abstract_state,
+                                    ts.abstract_batch(config, mesh)).compile()
 
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()

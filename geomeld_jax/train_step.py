@@ -163,6 +163,16 @@ def synthetic_batch(mcfg: geomeld.GeoMeldFMConfig, batch_size: int, size: int,
   return out
 
 
+def abstract_batch(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the step receives, as sharded ShapeDtypeStructs in storage dtypes
+  (for `train_step.lower(...)` without data: AOT compiles, HLO inspection)."""
+  one = synthetic_batch(model_config(config), 1, config.input.crop_size, config.input.text_len)
+  batch_sh = sharding.batch_sharding(mesh)
+  size = int(config.input.global_batch_size)
+  return {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype, sharding=batch_sh)
+          for k, v in one.items()}
+
+
 def check_batch(mcfg: geomeld.GeoMeldFMConfig, normalizer: records.Normalizer,
                 host_batch: Mapping[str, Any]) -> None:
   """The model's batch check, on what the step will see after on-device normalisation."""

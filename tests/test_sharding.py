@@ -10,7 +10,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import pretrain
-from geomeld_jax import aot
 from geomeld_jax import records
 from geomeld_jax import sharding
 from geomeld_jax import train_step as ts
@@ -161,7 +160,7 @@ def test_data_parallel_step_moves_no_activations():
   mesh = sharding.make_mesh(config.mesh)
   setup = ts.setup(config, mesh, records.Normalizer(ts.synthetic_statistics()))
   hlo = setup.train_step.lower(setup.abstract_state,
-                               aot.abstract_batch(config, mesh)).compile().as_text()
+                               ts.abstract_batch(config, mesh)).compile().as_text()
   collectives = re.findall(
       r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo)
   assert collectives and set(collectives) == {"all-reduce"}, sorted(set(collectives))
