@@ -301,7 +301,6 @@ def write_report(workdir: str | pathlib.Path, *, split: str = "val", num_tiles: 
   from geomeld_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
   from geomeld_jax.models import convnextv2  # pylint: disable=g-import-not-at-top
   from geomeld_jax.models import geomeld  # pylint: disable=g-import-not-at-top
-  from geomeld_jax.models import jepa  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
   out = workdir / REPORT_SUBDIR
@@ -333,10 +332,7 @@ def write_report(workdir: str | pathlib.Path, *, split: str = "val", num_tiles: 
   paths += plot_reconstructions(batch, preds, np.asarray(mask), model.encoder.stride, out,
                                 norm_pix_s2=cfg.norm_pix_loss, num_tiles=num_tiles)
   if cfg.jepa and ema is not None:
-    masks = jepa.sample_jepa_masks(
-        k_jepa, b, gh, gw, num_targets=cfg.jepa_num_targets, target_scale=cfg.jepa_target_scale,
-        target_aspect=cfg.jepa_target_aspect, context_scale=cfg.jepa_context_scale,
-        min_context=cfg.jepa_min_context)
+    masks, _ = geomeld.jepa_masks(cfg, k_jepa, b, gh, gw)
     ctx, _ = model.encoder(x, ~masks.context)
     pred = model.jepa_predictor(ctx, masks.context)
     g, _, rest = nnx.split(model.encoder, nnx.Param, ...)

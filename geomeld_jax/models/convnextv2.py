@@ -12,10 +12,12 @@ sparse FCMAE encoder (objectives.md section 2.2) zeroes masked sites after the s
 before and after every depthwise conv, computes GRN statistics over visible sites only
 and masks each block output, so no visible output depends on a masked input pixel.
 
-The sparse saving of FCMAE without sparse convolutions: when every sample has the same,
-statically known number of visible cells (``random_patch_mask`` guarantees it; pass
-``visible_cells``), each block gathers the visible cells after its depthwise conv and runs
-LN -> MLP -> GRN -> MLP on them only, then scatters them back into the zero map. The per-
+The sparse saving of FCMAE without sparse convolutions: given a static bound K on the
+visible cells per sample (``max_visible_cells``; a ``random_patch_mask`` has exactly
+``num_visible_cells``, a JEPA context is thinned to its capacity), each block gathers K cell
+slots after its depthwise conv (the visible cells, then masked ones as padding for a sample
+with fewer) and runs LN -> MLP -> GRN -> MLP on them only, with GRN's statistic over the
+filled slots, then scatters them back; the block's re-masking zeroes the padding. The per-
 position MLP is ~85% of a block's FLOPs and holds the 4x-wide activations: at 60% masking
 the MP-MAE step's model FLOPs fall 31% (atto, 128 px: 8.67 -> 5.94 GFLOP/sample). The result
 equals the dense emulation (the MLP is per position and GRN's statistics are over visible
@@ -122,13 +124,19 @@ def num_visible_cells(grid_h: int, grid_w: int, mask_ratio: float) -> int:
   return int(grid_h * grid_w * (1 - mask_ratio))
 
 
-def visible_cell_indices(mask: jax.Array, visible_cells: int) -> tuple[jax.Array, jax.Array]:
-  """(B, visible_cells) raster indices of the visible cells of a (B, h, w) mask, and a (B,)
-  bool that is False for a sample whose visible count is not `visible_cells`."""
+def visible_cell_indices(mask: jax.Array,
+                         max_visible_cells: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Cell slots for the gathered MLP of a (B, h, w) mask (True = masked).
+
+  Returns (cells (B, K) raster indices: the visible cells in raster order, then masked
+  cells as padding; filled (B, K) bool: the slot holds a visible cell; fits (B,) bool: the
+  sample has at most K = max_visible_cells visible cells, so none was left out).
+  """
   flat = mask.reshape(mask.shape[0], -1)
   order = jnp.argsort(flat, axis=1, stable=True)  # False (visible) first, in raster order
-  exact = jnp.sum(~flat, axis=1) == visible_cells
-  return order[:, :visible_cells], exact
+  count = jnp.sum(~flat, axis=1)
+  filled = jnp.arange(max_visible_cells)[None, :] < count[:, None]
+  return order[:, :max_visible_cells], filled, count <= max_visible_cells
 
 
 def gather_cells(x: jax.Array, cells: jax.Array, cell_size: int) -> jax.Array:
@@ -229,10 +237,10 @@ class Block(nnx.Module):
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
     """x (B, H, W, C); mask (B, H, W, 1) float/bool, 1 = masked; None = dense block.
 
-    ``visible``: (cells (B, K) from `visible_cell_indices`, cell size in pixels at this
-    resolution): the MLP runs on the K visible cells only (same result, less work); they
-    must be exactly the cells the mask leaves visible. ``rngs`` (optional) overrides the
-    drop-path random stream given at construction.
+    ``visible``: (cells (B, K), filled (B, K) from `visible_cell_indices`, cell size in
+    pixels at this resolution): the MLP runs on those K cell slots only (same result, less
+    work); the filled slots must be every cell the mask leaves visible. ``rngs`` (optional)
+    overrides the drop-path random stream given at construction.
     """
     mask = None if mask is None else _as_bool_mask(mask)
     x = _zero_masked(x, mask)  # LN and Linear biases make masked sites non-zero upstream
@@ -242,11 +250,12 @@ class Block(nnx.Module):
       with jax.named_scope("mlp"):
         y = self._mlp(_zero_masked(y, mask), mask)
     else:
-      cells, cell_size = visible
+      cells, filled, cell_size = visible
       with jax.named_scope("gather"):
         tokens = gather_cells(y, cells, cell_size)
+        padding = jnp.repeat(~filled, cell_size * cell_size, axis=1)[..., None]
       with jax.named_scope("mlp"):
-        tokens = self._mlp(tokens, None)
+        tokens = self._mlp(tokens, padding)  # padding slots land on masked sites: re-masked
       with jax.named_scope("scatter"):
         y = scatter_cells(tokens, cells, cell_size, x.shape[1], x.shape[2])
     if self.drop_path is not None:
@@ -359,28 +368,30 @@ class ConvNeXtV2(nnx.Module):
             f"shape {tuple(jnp.shape(mask))}")
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               visible_cells: int | None = None, deterministic: bool = True,
+               max_visible_cells: int | None = None, deterministic: bool = True,
                rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """Encodes x (B, H, W, in_chans); mask (B, H/stride, W/stride), 1 = masked, or None.
 
     Returns (final map (B, H/stride, W/stride, dims[-1]), [the four stage outputs]).
-    With a mask, masked sites are zero in every returned map. ``visible_cells`` (static):
-    the number of visible cells that EVERY sample of ``mask`` has (a `random_patch_mask`'s
-    `num_visible_cells`); blocks then compute on visible cells only. A sample with another
-    count gets NaN outputs (loud, caught by the train loop's NaN stop) rather than a silently
-    wrong encoding. ``rngs`` (optional) drives drop path when ``deterministic`` is False: an
+    With a mask, masked sites are zero in every returned map. ``max_visible_cells``
+    (static): a bound on the visible cells of every sample of ``mask`` (a
+    `random_patch_mask`'s `num_visible_cells`, a thinned JEPA context's capacity); blocks
+    then run their MLPs on that many cell slots only. A sample with more visible cells gets
+    NaN outputs (loud, caught by the train loop's NaN stop) rather than a silently wrong
+    encoding. ``rngs`` (optional) drives drop path when ``deterministic`` is False: an
     ``nnx.Rngs`` or a key (folded with the block index, so blocks draw independently);
     without it the streams given at construction are used.
     """
     self._check_inputs(x, mask)
     grid_mask = None if mask is None else _as_bool_mask(mask)
-    if visible_cells is not None:
+    if max_visible_cells is not None:
       if grid_mask is None:
-        raise ValueError("visible_cells needs a mask")
+        raise ValueError("max_visible_cells needs a mask")
       num_cells = grid_mask.shape[1] * grid_mask.shape[2]
-      if not 0 < visible_cells <= num_cells:
-        raise ValueError(f"visible_cells must be in [1, {num_cells}], got {visible_cells}")
-      cells, exact = visible_cell_indices(grid_mask, visible_cells)
+      if not 0 < max_visible_cells <= num_cells:
+        raise ValueError(
+            f"max_visible_cells must be in [1, {num_cells}], got {max_visible_cells}")
+      cells, filled, fits = visible_cell_indices(grid_mask, max_visible_cells)
 
     def mask_at(factor: int) -> jax.Array | None:
       return None if grid_mask is None else upsample_mask(grid_mask, factor)[..., None]
@@ -399,7 +410,7 @@ class ConvNeXtV2(nnx.Module):
     for i in range(num_stages):
       cell_size = 2 ** (num_stages - 1 - i)
       stage_mask = mask_at(cell_size)
-      visible = None if visible_cells is None else (cells, cell_size)
+      visible = None if max_visible_cells is None else (cells, filled, cell_size)
       if i > 0:
         # A 2x2 stride-2 window never straddles a mask cell (cells are >= 2 px wide
         # here), so the downsampler needs no extra masking; the blocks re-mask.
@@ -415,8 +426,8 @@ class ConvNeXtV2(nnx.Module):
                     rngs=block_rngs)
         block_index += 1
       stage_outputs.append(x)
-    if visible_cells is not None:
-      poison = ~exact[:, None, None, None]
+    if max_visible_cells is not None:
+      poison = ~fits[:, None, None, None]
       stage_outputs = [jnp.where(poison, jnp.array(jnp.nan, o.dtype), o) for o in stage_outputs]
       x = stage_outputs[-1]
     return x, stage_outputs

@@ -75,6 +75,11 @@ class GeoMeldFMConfig:
   jepa_target_aspect: tuple[float, float] = (0.75, 1.5)
   jepa_context_scale: tuple[float, float] = (0.85, 1.0)
   jepa_min_context: int = 4
+  # The context pass computes its MLPs on this fraction of the grid's cells (convnextv2
+  # `max_visible_cells`); a context with more cells is randomly thinned to it. At the
+  # defaults on an 8x8 grid a context has 29.8 cells on average (46%), and a cap of 40 thins
+  # 5% of samples, dropping 0.5% of all context cells. 1.0: never thinned, dense pass.
+  jepa_context_capacity: float = 0.625
   jepa_loss: str = "smooth_l1"  # or 'l2'
   jepa_predictor_depth: int = 3
   ema_momentum_start: float = 0.996  # for the train step's `jepa.ema_momentum`
@@ -120,6 +125,9 @@ class GeoMeldFMConfig:
                        f"{self.loss_terms}")
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"config.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+    if not 0.0 < self.jepa_context_capacity <= 1.0:
+      raise ValueError(f"config.jepa_context_capacity must be in (0, 1], got "
+                       f"{self.jepa_context_capacity}")
     lo, hi = self.log_var_range
     if not lo < hi:
       raise ValueError(f"config.log_var_range must be (lo, hi) with lo < hi, got "
@@ -306,6 +314,19 @@ def _channel_std(x: jax.Array) -> jax.Array:
   return jnp.mean(jnp.std(x, axis=0))
 
 
+def jepa_masks(cfg: GeoMeldFMConfig, key: jax.Array, batch: int, grid_h: int,
+               grid_w: int) -> tuple[jepa.JepaMasks, int]:
+  """The config's JEPA masks and the context capacity (static) they were thinned to."""
+  capacity = jepa.context_capacity(grid_h * grid_w, cfg.jepa_context_capacity,
+                                   cfg.jepa_min_context)
+  masks = jepa.sample_jepa_masks(
+      key, batch, grid_h, grid_w, num_targets=cfg.jepa_num_targets,
+      target_scale=cfg.jepa_target_scale, target_aspect=cfg.jepa_target_aspect,
+      context_scale=cfg.jepa_context_scale, min_context=cfg.jepa_min_context,
+      max_context=capacity)
+  return masks, capacity
+
+
 def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef,
             batch: Mapping[str, jax.Array], rng: jax.Array, *,
             deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -323,8 +344,8 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   Returns:
     (total loss, metrics): `loss`, `loss/<term>`, `weight/<term>`, `count/<term>` (valid
     elements behind each term), `mask_ratio`; with JEPA `jepa/target_std`, `jepa/pred_std`
-    (collapse watch), `jepa/context_frac`, `jepa/target_frac`; with ITC `logit_scale`,
-    `itc/i2t_top1`; with SigLIP `logit_bias`.
+    (collapse watch), `jepa/context_frac`, `jepa/target_frac`, `jepa/thinned_frac`; with ITC
+    `logit_scale`, `itc/i2t_top1`; with SigLIP `logit_bias`.
   """
   cfg = model_def.config
   model = merge(model_def, params)
@@ -343,7 +364,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
                    if cfg.mae_visible_only else None)
   # Named scopes label each branch's ops in profiles (geomeld_jax.bench --profile_dir).
   with jax.named_scope("mae_encoder"):
-    feats, _ = model.encoder(x, mask, visible_cells=visible_cells, **enc_kw)
+    feats, _ = model.encoder(x, mask, max_visible_cells=visible_cells, **enc_kw)
   with jax.named_scope("mae_decoders"):
     preds = model.decoder(feats, mask)
     terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss)
@@ -353,12 +374,12 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   if cfg.jepa:
     if ema_params is None:
       raise ValueError("JEPA is on: loss_fn needs ema_params (the teacher encoder params)")
-    masks = jepa.sample_jepa_masks(
-        k_jepa, b, grid_h, grid_w, num_targets=cfg.jepa_num_targets,
-        target_scale=cfg.jepa_target_scale, target_aspect=cfg.jepa_target_aspect,
-        context_scale=cfg.jepa_context_scale, min_context=cfg.jepa_min_context)
+    masks, capacity = jepa_masks(cfg, k_jepa, b, grid_h, grid_w)
+    sparse = capacity < grid_h * grid_w  # at full capacity the gathers would only add work
     with jax.named_scope("jepa_context_encoder"):
-      context_feats, _ = model.encoder(x, ~masks.context, **enc_kw)
+      context_feats, _ = model.encoder(x, ~masks.context,
+                                       max_visible_cells=capacity if sparse else None,
+                                       **enc_kw)
     with jax.named_scope("jepa_predictor"):
       pred = model.jepa_predictor(context_feats, masks.context)
     enc_graphdef, _, enc_rest = nnx.split(model.encoder, nnx.Param, ...)
@@ -370,6 +391,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
     metrics["jepa/pred_std"] = _channel_std(pred)
     metrics["jepa/context_frac"] = jnp.mean(masks.context.astype(jnp.float32))
     metrics["jepa/target_frac"] = jnp.mean(masks.target.astype(jnp.float32))
+    metrics["jepa/thinned_frac"] = jnp.mean(masks.thinned.astype(jnp.float32))
 
   if cfg.itc:
     if cfg.vision_embedding == "visible":

@@ -14,6 +14,7 @@ global context the 3x3 stack gets from the encoder's 7x7 receptive field anyway 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -36,6 +37,18 @@ class JepaMasks(NamedTuple):
   target_blocks: jax.Array  # (B, M, gh, gw): each target block (all False if dropped)
   target_hw: jax.Array  # (2,) int32: target block height, width (shared by the batch)
   context_hw: jax.Array  # (2,) int32: context block height, width (shared by the batch)
+  thinned: jax.Array  # (B,) bool: the context had more than `max_context` cells and was thinned
+
+
+def context_capacity(grid_cells: int, fraction: float, min_context: int) -> int:
+  """Static bound on a context's cells: ceil(fraction * cells), at least min_context.
+
+  The context pass then computes its MLPs on this many cells (convnextv2
+  `max_visible_cells`); at `grid_cells` it runs the dense masked pass.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"context capacity fraction must be in (0, 1], got {fraction}")
+  return min(grid_cells, max(min_context, math.ceil(fraction * grid_cells)))
 
 
 def _block_size(key: jax.Array, grid_h: int, grid_w: int, scale: tuple[float, float],
@@ -80,6 +93,7 @@ def sample_jepa_masks(
     target_aspect: tuple[float, float] = (0.75, 1.5),
     context_scale: tuple[float, float] = (0.85, 1.0),
     min_context: int = 4,
+    max_context: int | None = None,
 ) -> JepaMasks:
   """I-JEPA multi-block masks as per-sample boolean maps (jittable; no ragged index lists).
 
@@ -89,6 +103,10 @@ def sample_jepa_masks(
   positions, target blocks are dropped from the last one back until it does (I-JEPA retries
   and then relaxes constraints instead); the first target block is always kept while the
   context stays non-empty, so the context is never empty and there is always a target.
+  A context with more than `max_context` cells keeps a uniformly random `max_context` of them
+  (a static bound lets the context pass compute on that many cells only; I-JEPA truncates
+  every context to the batch's smallest, dropping the last cells in raster order, a spatial
+  bias its issue #60 reports).
 
   Args:
     key: PRNG key.
@@ -99,17 +117,22 @@ def sample_jepa_masks(
     target_aspect: height / width range of a target block.
     context_scale: fraction of the grid covered by the context block (aspect 1).
     min_context: minimum context positions required to keep a 2nd..Mth target block.
+    max_context: most context positions kept (static; None: no bound); >= min_context.
 
   Returns:
     `JepaMasks`.
   """
   if num_targets < 1:
     raise ValueError(f"num_targets must be >= 1, got {num_targets}")
+  if max_context is not None and not 1 <= min_context <= max_context:
+    raise ValueError(f"max_context must be >= min_context >= 1, got max_context={max_context}, "
+                     f"min_context={min_context}")
   k_tsize, k_csize, k_pos = jax.random.split(key, 3)
   target_hw = _block_size(k_tsize, grid_h, grid_w, target_scale, target_aspect)
   context_hw = _block_size(k_csize, grid_h, grid_w, context_scale, (1.0, 1.0))
 
   def one_sample(k):
+    k_thin, k = jax.random.split(k)
     keys = jax.random.split(k, num_targets + 1)
     blocks = jax.vmap(lambda kk: _place_block(kk, target_hw, grid_h, grid_w))(keys[1:])
     context_block = _place_block(keys[0], context_hw, grid_h, grid_w)
@@ -122,10 +145,17 @@ def sample_jepa_masks(
     keep = jnp.arange(num_targets) < num_kept
     blocks = blocks & keep[:, None, None]
     target = jnp.any(blocks, axis=0)
-    return context_block & ~target, target, blocks
+    context = context_block & ~target
+    thinned = jnp.zeros((), bool)
+    if max_context is not None:
+      noise = jnp.where(context, jax.random.uniform(k_thin, context.shape), jnp.inf)
+      rank = jnp.argsort(jnp.argsort(noise.ravel())).reshape(context.shape)
+      thinned = jnp.sum(context) > max_context
+      context = context & (rank < max_context)
+    return context, target, blocks, thinned
 
-  context, target, blocks = jax.vmap(one_sample)(jax.random.split(k_pos, batch))
-  return JepaMasks(context, target, blocks, target_hw, context_hw)
+  context, target, blocks, thinned = jax.vmap(one_sample)(jax.random.split(k_pos, batch))
+  return JepaMasks(context, target, blocks, target_hw, context_hw, thinned)
 
 
 # ----------------------------------------------------------------------------------------

@@ -218,22 +218,16 @@ def test_all_visible_mask_equals_unmasked_bit_for_bit(atto_patch, inputs):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _loss_and_grad(graphdef, state, x, mask, visible_cells):
+def _loss_and_grad(graphdef, state, x, mask, max_visible_cells):
   def loss(state):
-    out, stages = nnx.merge(graphdef, state)(x, mask, visible_cells=visible_cells)
+    out, stages = nnx.merge(graphdef, state)(x, mask, max_visible_cells=max_visible_cells)
     return jnp.sum(jnp.square(out)), stages
   return jax.value_and_grad(loss, has_aux=True)(state)
 
 
-def test_visible_cells_path_equals_dense_masked_path(atto_patch):
-  """The gathered (sparse) MLP gives the dense masked encoder's outputs and gradients."""
-  x = jax.random.normal(jax.random.key(5), (3, 64, 64, BANDS))
-  mask = cv.random_patch_mask(jax.random.key(6), 3, 4, 4, mask_ratio=0.6)
-  visible_cells = cv.num_visible_cells(4, 4, 0.6)
-  assert visible_cells == 6
-  graphdef, state = nnx.split(atto_patch)
+def _assert_same_as_dense(graphdef, state, x, mask, max_visible_cells):
   (loss_d, stages_d), grads_d = _loss_and_grad(graphdef, state, x, mask, None)
-  (loss_s, stages_s), grads_s = _loss_and_grad(graphdef, state, x, mask, visible_cells)
+  (loss_s, stages_s), grads_s = _loss_and_grad(graphdef, state, x, mask, max_visible_cells)
   np.testing.assert_allclose(loss_s, loss_d, rtol=1e-5)
   for a, b in zip(stages_s, stages_d):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -242,18 +236,45 @@ def test_visible_cells_path_equals_dense_masked_path(atto_patch):
                                atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
 
 
-def test_visible_cells_count_mismatch_poisons_only_that_sample(atto_patch):
+def test_visible_cells_path_equals_dense_masked_path(atto_patch):
+  """The gathered (sparse) MLP gives the dense masked encoder's outputs and gradients."""
+  x = jax.random.normal(jax.random.key(5), (3, 64, 64, BANDS))
+  mask = cv.random_patch_mask(jax.random.key(6), 3, 4, 4, mask_ratio=0.6)
+  visible_cells = cv.num_visible_cells(4, 4, 0.6)
+  assert visible_cells == 6
+  _assert_same_as_dense(*nnx.split(atto_patch), x, mask, visible_cells)
+
+
+def test_padded_cell_slots_equal_dense_masked_path(atto_patch):
+  """Samples with fewer visible cells than the bound (a thinned JEPA context) fill the
+  spare slots with masked cells; GRN must ignore them and re-masking must erase them."""
+  x = jax.random.normal(jax.random.key(9), (3, 64, 64, BANDS))
+  visible_counts = np.array([8, 3, 0])
+  rank = np.argsort(np.random.default_rng(2).random((3, 16)), axis=1)
+  mask = jnp.asarray((rank >= visible_counts[:, None]).reshape(3, 4, 4))
+  cells, filled, fits = cv.visible_cell_indices(mask, 8)
+  np.testing.assert_array_equal(np.asarray(filled).sum(1), visible_counts)
+  assert np.asarray(fits).all()
+  flat = np.asarray(mask).reshape(3, 16)
+  for i, n in enumerate(visible_counts):  # visible cells first, in raster order, then padding
+    np.testing.assert_array_equal(np.asarray(cells[i, :n]), np.flatnonzero(~flat[i]))
+    assert flat[i, np.asarray(cells[i, n:])].all()
+  _assert_same_as_dense(*nnx.split(atto_patch), x, mask, 8)
+
+
+def test_more_visible_cells_than_the_bound_poisons_only_that_sample(atto_patch):
   x = jax.random.normal(jax.random.key(7), (2, 64, 64, BANDS))
   mask = cv.random_patch_mask(jax.random.key(8), 2, 4, 4, mask_ratio=0.5)
-  mask = mask.at[1, 0, 0].set(~mask[1, 0, 0])  # sample 1 now has 7 or 9 visible cells
+  masked_cell = int(np.flatnonzero(np.asarray(mask[1]).ravel())[0])
+  mask = mask.at[1, masked_cell // 4, masked_cell % 4].set(False)  # sample 1: 9 visible > 8
   graphdef, state = nnx.split(atto_patch)
   (_, stages), _ = _loss_and_grad(graphdef, state, x, mask, 8)
   for stage in stages:
     assert np.isfinite(np.asarray(stage[0])).all() and np.isnan(np.asarray(stage[1])).all()
-  with pytest.raises(ValueError, match="visible_cells needs a mask"):
-    atto_patch(x, None, visible_cells=8)
-  with pytest.raises(ValueError, match=r"visible_cells must be in \[1, 16\], got 0"):
-    atto_patch(x, mask, visible_cells=0)
+  with pytest.raises(ValueError, match="max_visible_cells needs a mask"):
+    atto_patch(x, None, max_visible_cells=8)
+  with pytest.raises(ValueError, match=r"max_visible_cells must be in \[1, 16\], got 0"):
+    atto_patch(x, mask, max_visible_cells=0)
 
 
 def test_gather_scatter_cells_round_trip():

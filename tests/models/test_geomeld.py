@@ -19,6 +19,7 @@ from geomeld_jax import modalities as mod
 from geomeld_jax.models import convnextv2
 from geomeld_jax.models import decoders
 from geomeld_jax.models import geomeld
+from geomeld_jax.models import jepa
 
 MICRO = "test_micro"
 B, HW, PATCH, TEXT_LEN = 4, 32, 8, 12
@@ -156,6 +157,34 @@ def test_visible_only_mae_pass_equals_the_dense_one(batch):
   for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_d)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
                                atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
+
+
+def test_jepa_context_pass_on_cell_slots_equals_the_dense_one(batch):
+  """A context never has all 16 cells (targets take >= 1), so at capacity 15/16 nothing is
+  thinned: the padded cell-slot pass must give the dense pass's losses and gradients."""
+  c = _compiled("mp_mae_jepa")
+  assert jepa_capacity(c.config) < 16  # the default config runs the cell-slot pass
+
+  def value_and_grad(capacity):
+    model_def = dataclasses.replace(
+        c.model_def, config=dataclasses.replace(c.config, jepa_context_capacity=capacity))
+    fn = jax.jit(jax.value_and_grad(
+        lambda p, b, r: geomeld.loss_fn(p, c.ema, model_def, b, r), has_aux=True))
+    return fn(c.params, batch, jax.random.key(4))
+
+  (loss_s, metrics_s), grads_s = value_and_grad(15 / 16)
+  (loss_d, metrics_d), grads_d = value_and_grad(1.0)
+  assert float(metrics_s["jepa/thinned_frac"]) == 0.0
+  np.testing.assert_allclose(float(metrics_s["loss/jepa"]), float(metrics_d["loss/jepa"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(loss_s), float(loss_d), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_d)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
+                               atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
+
+
+def jepa_capacity(cfg):
+  return jepa.context_capacity(16, cfg.jepa_context_capacity, cfg.jepa_min_context)
 
 
 def test_full_uses_the_teacher_and_blocks_nan(batch):

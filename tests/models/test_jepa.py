@@ -83,6 +83,35 @@ def test_min_context_drops_trailing_targets():
   assert kept.min() >= 1 and kept.max() > 1 and kept.min() < 4
 
 
+def test_context_capacity_thins_contexts_uniformly():
+  gh = gw = 8
+  cap = jepa.context_capacity(gh * gw, 0.375, min_context=4)
+  assert cap == 24
+  assert jepa.context_capacity(16, 0.1, min_context=4) == 4
+  assert jepa.context_capacity(16, 1.0, min_context=4) == 16
+  with pytest.raises(ValueError, match=r"must be in \(0, 1\], got 0.0"):
+    jepa.context_capacity(16, 0.0, min_context=4)
+  with pytest.raises(ValueError, match="max_context must be >= min_context"):
+    jepa.sample_jepa_masks(jax.random.key(0), 2, gh, gw, min_context=4, max_context=3)
+
+  sample = jax.jit(lambda k, m: jepa.sample_jepa_masks(k, 512, gh, gw, max_context=m),
+                   static_argnums=1)
+  free, thin = sample(jax.random.key(4), None), sample(jax.random.key(4), cap)
+  free, thin = jax.tree.map(np.asarray, free), jax.tree.map(np.asarray, thin)
+  np.testing.assert_array_equal(thin.target, free.target)  # thinning touches the context only
+  n_free, n_thin = free.context.sum((1, 2)), thin.context.sum((1, 2))
+  assert not np.any(thin.context & ~free.context)
+  np.testing.assert_array_equal(n_thin, np.minimum(n_free, cap))
+  np.testing.assert_array_equal(thin.thinned, n_free > cap)
+  assert not free.thinned.any() and 0.05 < thin.thinned.mean() < 0.95
+  # Uniform among the context's cells: the top and bottom halves keep the same share
+  # (I-JEPA's raster-order truncation would keep every top cell and drop bottom ones).
+  dropped = free.context & ~thin.context
+  kept_share = [1 - dropped[:, rows].sum() / free.context[thin.thinned][:, rows].sum()
+                for rows in (slice(0, 4), slice(4, 8))]
+  assert abs(kept_share[0] - kept_share[1]) < 0.03, kept_share
+
+
 def test_predictor_ignores_non_context_features():
   dim = 16
   pred = jepa.ConvPredictor(dim, rngs=nnx.Rngs(0))
