@@ -6,7 +6,7 @@ Usage (DirectRunner, this machine)::
       --source='bigearthnet:/data/bigearthnet' --output_dir=/data/tfds
 
   geomeld-build --source=synthetic:/tmp/shards --output_dir=/tmp/tfds --overwrite \
-      -- --direct_num_workers=2 --direct_running_mode=multi_threading
+      -- --direct_num_workers=2 --direct_running_mode=multi_processing
 
 Flags this module defines come first; everything after them that absl does not know (or
 everything after a bare ``--``) goes to Beam as standard pipeline options, so any runner

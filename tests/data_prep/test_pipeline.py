@@ -32,7 +32,7 @@ def build(tmp_path_factory):
   one = pipeline.run_build(config)
   two = pipeline.run_build(
       dataclasses.replace(config, output_dir=str(root / "two_workers")),
-      ["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+      ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
   return {"one": one, "two": two, "expected_bad": expected_bad, "config": config}
 
 
@@ -142,6 +142,29 @@ def test_dead_letters_and_manifest_reconcile(build):
   dup = [r for r in letters if r["reason"] == pipeline.DUPLICATE]
   assert dup and all("lowest source wins" in r["detail"] for r in dup)
   assert manifest["tokenizer"].startswith("tokenizer.model")
+
+
+def test_reconcile_names_the_stage_that_lost_elements():
+  plan = [("src:a", "u1"), ("src:a", "u2")]
+  units = [{"source": "src:a", "unit": "u1", "read": 5, "emitted": 4, "rejected": 1},
+           {"source": "src:a", "unit": "u2", "read": 3, "emitted": 3, "rejected": 0}]
+  totals = [{"shard": 0, "received": 4, "written": 3, "rejected": 1},
+            {"shard": 1, "received": 3, "written": 3, "rejected": 0}]
+  letter = json.dumps({"reason": "corrupt_h5"})
+  assert pipeline.reconcile(plan, units, totals, 6, [letter] * 2) == 8
+
+  def fails(match, **kw):
+    args = dict(plan=plan, units=units, shard_totals=totals, written=6, rejections=[letter] * 2)
+    args.update(kw)
+    with pytest.raises(RuntimeError, match=match):
+      pipeline.reconcile(**args)
+
+  fails("2 units planned but 1 reported", units=units[:1])
+  fails("emitted 7 samples but the write stage received 6",
+        shard_totals=[totals[0], dict(totals[1], received=2, written=2)])
+  fails("wrote 6 records but its part lines list 5", written=5)
+  fails(r"rejected 2 samples but 1 dead letters were written \({'corrupt_h5': 1}\)",
+        rejections=[letter])
 
 
 def test_determinism_across_worker_counts(build):
