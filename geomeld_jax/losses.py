@@ -74,6 +74,18 @@ def unpatchify(patches: jax.Array, patch: int, channels: int) -> jax.Array:
   return _reshape_keep_batch(x.transpose(0, 1, 3, 2, 4, 5), (b, gh * patch, gw * patch, channels))
 
 
+def at_cells(grid: jax.Array, cells: jax.Array) -> jax.Array:
+  """Values of a (B, gh, gw, ...) grid at (B, K) raster cell indices, as a (B, K, 1, ...) grid.
+
+  A K x 1 grid keeps every grid-shaped loss below working on just those cells (the MP-MAE
+  heads predict the masked cells only; see `MultiPretextDecoder`).
+  """
+  b, gh, gw = grid.shape[:3]
+  flat = _reshape_keep_batch(grid, (b, gh * gw, *grid.shape[3:]))
+  picked = jax.vmap(lambda g, c: g[c])(flat, cells)  # per sample: stays on its batch shard
+  return _reshape_keep_batch(picked, (b, cells.shape[1], 1, *grid.shape[3:]))
+
+
 # ----------------------------------------------------------------------------------------
 # Pixel-level MP-MAE losses.
 # ----------------------------------------------------------------------------------------
@@ -103,18 +115,20 @@ def normalize_patches(target: jax.Array, valid: jax.Array,
 
 
 def reconstruction_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, mask: jax.Array,
-                        patch: int, *, norm_pix: bool = False,
+                        patch: int, *, norm_pix: bool = False, cells: jax.Array | None = None,
                         eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
   """MSE on masked patches over valid pixels only.
 
   Args:
-    pred: (B, gh, gw, p*p*C) head output, (row, col, channel) order.
+    pred: (B, gh, gw, p*p*C) head output, (row, col, channel) order; with `cells`, the
+      (B, K, 1, p*p*C) predictions at those cells.
     target: (B, H, W, C) normalised modality (invalid pixels may hold anything).
     valid: (B, H, W, C) bool.
     mask: (B, gh, gw) bool, True = masked patch (only these count).
     patch: encoder stride p.
     norm_pix: normalise each patch's target over its valid values (S2 only, FCMAE); a patch
       with fewer than 2 valid values is then excluded.
+    cells: (B, K) raster indices of the cells `pred` holds (None: every cell).
     eps: variance eps of the per-patch normalisation.
 
   Returns:
@@ -122,6 +136,8 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, ma
   """
   tp = patchify(target.astype(F32), patch)
   vp = patchify(valid, patch)
+  if cells is not None:
+    tp, vp, mask = at_cells(tp, cells), at_cells(vp, cells), at_cells(mask, cells)
   if norm_pix:
     tp, usable = normalize_patches(tp, vp, eps)
     weight = vp & (mask & usable)[..., None]
@@ -131,15 +147,17 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, ma
   return _masked_mean(jnp.square(pred.astype(F32) - tp), weight)
 
 
-def pixel_ce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                  patch: int) -> tuple[jax.Array, jax.Array]:
+def pixel_ce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, patch: int, *,
+                  cells: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Per-pixel cross-entropy on masked patches; labels outside [0, K) (e.g. -1) are ignored.
 
   Args:
-    logits: (B, gh, gw, p*p*K), (row, col, class) order.
+    logits: (B, gh, gw, p*p*K), (row, col, class) order; with `cells`, (B, K', 1, p*p*K) at
+      those cells.
     labels: (B, H, W) int, -1 = no data.
     mask: (B, gh, gw) bool, True = masked patch.
     patch: encoder stride p.
+    cells: (B, K') raster indices of the cells `logits` holds (None: every cell).
 
   Returns:
     (mean NLL over counted pixels, number of counted pixels).
@@ -147,6 +165,8 @@ def pixel_ce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   b, gh, gw, d = logits.shape
   num_classes = d // (patch * patch)
   lp = patchify(labels[..., None], patch)  # (B, gh, gw, p*p)
+  if cells is not None:
+    lp, mask = at_cells(lp, cells), at_cells(mask, cells)
   logp = jax.nn.log_softmax(
       _reshape_keep_batch(logits.astype(F32), (b, gh, gw, patch * patch, num_classes)))
   weight = (lp >= 0) & (lp < num_classes) & mask[..., None]

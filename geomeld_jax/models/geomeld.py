@@ -58,6 +58,9 @@ class GeoMeldFMConfig:
   # The MAE pass runs each block's MLP on the visible cells only (FCMAE's sparse saving,
   # same result; see convnextv2). False: the dense masked emulation everywhere.
   mae_visible_only: bool = True
+  # The pixel heads and losses run on the masked cells only, where the losses look (same
+  # result; see decoders.MultiPretextDecoder). False: heads on every cell.
+  mae_heads_masked_only: bool = True
   # MP-MAE decoders and targets.
   targets: tuple[str, ...] = ALL_TARGETS
   decoder_width: int = 512
@@ -297,12 +300,14 @@ def clamp_params(config: GeoMeldFMConfig, params: nnx.State) -> nnx.State:
 
 
 def _target_loss(name: str, pred: jax.Array, batch: Mapping[str, jax.Array], mask: jax.Array,
-                 patch: int, norm_pix: bool) -> tuple[jax.Array, jax.Array]:
+                 patch: int, norm_pix: bool,
+                 cells: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   if name in mod.PIXEL_MODALITIES:
     if mod.PIXEL_MODALITIES[name].is_classes:
-      return losses.pixel_ce_loss(pred, batch[name], mask, patch)
+      return losses.pixel_ce_loss(pred, batch[name], mask, patch, cells=cells)
     return losses.reconstruction_loss(pred, batch[name], batch[f"{name}_valid"], mask, patch,
-                                      norm_pix=norm_pix and name == mod.INPUT_MODALITY)
+                                      norm_pix=norm_pix and name == mod.INPUT_MODALITY,
+                                      cells=cells)
   if mod.image_target(name).kind is mod.TargetKind.IMAGE_CLASSES:
     return losses.image_ce_loss(pred, batch[name])
   return losses.image_mse_loss(pred, batch[name], batch[f"{name}_valid"])
@@ -365,9 +370,14 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   # Named scopes label each branch's ops in profiles (geomeld_jax.bench --profile_dir).
   with jax.named_scope("mae_encoder"):
     feats, _ = model.encoder(x, mask, max_visible_cells=visible_cells, **enc_kw)
+  num_masked = grid_h * grid_w - convnextv2.num_visible_cells(grid_h, grid_w, cfg.mask_ratio)
+  masked_cells = None
+  if cfg.mae_heads_masked_only and num_masked:
+    # The visible cells of ~mask are the masked cells; every sample has exactly num_masked.
+    masked_cells, _, _ = convnextv2.visible_cell_indices(~mask, num_masked)
   with jax.named_scope("mae_decoders"):
-    preds = model.decoder(feats, mask)
-    terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss)
+    preds = model.decoder(feats, mask, pixel_cells=masked_cells)
+    terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss, masked_cells)
              for t in cfg.targets}
   metrics: dict[str, jax.Array] = {"mask_ratio": jnp.mean(mask.astype(jnp.float32))}
 

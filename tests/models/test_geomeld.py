@@ -140,11 +140,13 @@ def test_preset_forward_backward(preset, batch):
   assert 0.5 < float(metrics["mask_ratio"]) < 0.8
 
 
-def test_visible_only_mae_pass_equals_the_dense_one(batch):
-  """`mae_visible_only` changes how the MAE pass computes, not what: same loss and grads."""
+@pytest.mark.parametrize("flag", ["mae_visible_only", "mae_heads_masked_only"])
+def test_sparse_mae_pass_equals_the_dense_one(batch, flag):
+  """Encoder MLPs on visible cells (`mae_visible_only`) and pixel heads on masked cells
+  (`mae_heads_masked_only`) change how the MAE pass computes, not what: same loss and grads."""
   sparse = _compiled("mp_mae")
-  assert sparse.config.mae_visible_only
-  dense_cfg = dataclasses.replace(sparse.config, mae_visible_only=False)
+  assert sparse.config.mae_visible_only and sparse.config.mae_heads_masked_only
+  dense_cfg = dataclasses.replace(sparse.config, **{flag: False})
   model_def = dataclasses.replace(sparse.model_def, config=dense_cfg)
   dense = jax.jit(jax.value_and_grad(
       lambda p, b, r: geomeld.loss_fn(p, None, model_def, b, r), has_aux=True))

@@ -171,6 +171,36 @@ def test_pixel_ce_matches_numpy_and_ignores_nodata():
   np.testing.assert_allclose(float(loss), total / n, rtol=1e-5)
 
 
+def test_losses_at_cells_equal_the_full_grid(recon_case):
+  """Heads on the masked cells only (`cells`) give the full-grid losses; a padding slot on a
+  visible cell (a sample with fewer masked cells than K) counts for nothing."""
+  pred, target, valid, mask, p = recon_case
+  b, g = mask.shape[0], mask.shape[1]
+  k = int(mask.reshape(b, -1).sum(1).max())
+  # Masked cells first, then visible ones as padding: every masked cell is within the K slots.
+  cells = np.argsort(~mask.reshape(b, -1), axis=1, kind="stable")[:, :k]
+  grid = np.arange(b * g * g * 2).reshape(b, g, g, 2)
+  picked = np.asarray(losses.at_cells(jnp.asarray(grid), jnp.asarray(cells)))
+  assert picked.shape == (b, k, 1, 2)
+  np.testing.assert_array_equal(picked[1, :, 0], grid[1].reshape(-1, 2)[cells[1]])
+  pred_cells = losses.at_cells(jnp.asarray(pred), jnp.asarray(cells))
+  for norm_pix in (False, True):
+    full = losses.reconstruction_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(valid),
+                                      jnp.asarray(mask), p, norm_pix=norm_pix)
+    at = losses.reconstruction_loss(pred_cells, jnp.asarray(target), jnp.asarray(valid),
+                                    jnp.asarray(mask), p, norm_pix=norm_pix,
+                                    cells=jnp.asarray(cells))
+    assert float(at[1]) == float(full[1])
+    np.testing.assert_allclose(float(at[0]), float(full[0]), rtol=1e-6)
+  labels = _rng(4).integers(-1, 3, (b, g * p, g * p)).astype(np.int32)
+  logits = _rng(5).normal(size=(b, g, g, p * p * 3)).astype(np.float32)
+  full = losses.pixel_ce_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), p)
+  at = losses.pixel_ce_loss(losses.at_cells(jnp.asarray(logits), jnp.asarray(cells)),
+                            jnp.asarray(labels), jnp.asarray(mask), p, cells=jnp.asarray(cells))
+  assert float(at[1]) == float(full[1])
+  np.testing.assert_allclose(float(at[0]), float(full[0]), rtol=1e-6)
+
+
 def test_image_level_losses():
   r = _rng(3)
   pred = r.normal(size=(4, 2)).astype(np.float32)
