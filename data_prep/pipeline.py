@@ -222,7 +222,7 @@ class WriteShardsFn(beam.DoFn):
   def process(self, element: tuple[int, Iterable[tuple]]) -> Iterator[Any]:
     shard, values = element
     by_tile: dict[str, list[tuple]] = collections.defaultdict(list)
-    received = rejected = 0
+    received = rejected = written = 0
     for v in values:
       received += 1
       by_tile[v[_TILE]].append(tuple(v))
@@ -248,6 +248,7 @@ class WriteShardsFn(beam.DoFn):
       chosen = per_split[split]  # already in tile_id order
       path = writer.join(self._parts_dir, f"{split}-{shard:05d}.{writer.FILE_SUFFIX}")
       num_bytes = writer.write_records(path, [v[_RECORD] for v in chosen], self._compression)
+      written += len(chosen)
       yield json.dumps({"split": split, "shard": shard, "records": len(chosen),
                         "bytes": num_bytes, "path": path}, sort_keys=True)
       for v in chosen:
@@ -258,8 +259,8 @@ class WriteShardsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("train_captions", json.dumps(caption,
                                                                         ensure_ascii=False))
     yield beam.pvalue.TaggedOutput("shard_totals", json.dumps(
-        {"shard": shard, "received": received, "written": received - rejected,
-         "rejected": rejected}, sort_keys=True))
+        {"shard": shard, "received": received, "written": written, "rejected": rejected},
+        sort_keys=True))
 
 
 class JsonDictCoder(beam.coders.Coder):
@@ -374,7 +375,7 @@ def reconcile(plan: Sequence[tuple[str, str]], units: Sequence[dict], shard_tota
     by_reason = dict(collections.Counter(json.loads(line)["reason"] for line in rejections))
     fail(f"the stages rejected {expected_rejected} samples but {len(rejections)} dead letters "
          f"were written ({by_reason})")
-  if read != written + len(rejections):  # implied by the checks above; kept as the invariant
+  if read != written + len(rejections):  # the write stage dropped a tile without a dead letter
     fail(f"read {read} != written {written} + rejected {len(rejections)}")
   return read
 

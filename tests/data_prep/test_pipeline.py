@@ -165,6 +165,8 @@ def test_reconcile_names_the_stage_that_lost_elements():
   fails("wrote 6 records but its part lines list 5", written=5)
   fails(r"rejected 2 samples but 1 dead letters were written \({'corrupt_h5': 1}\)",
         rejections=[letter])
+  fails("read 8 != written 5 \\+ rejected 2",  # the write stage lost a tile silently
+        shard_totals=[totals[0], dict(totals[1], written=2)], written=5)
 
 
 def test_determinism_across_worker_counts(build):
