@@ -14,8 +14,9 @@ One GPU host (all local GPUs):
       --config.input.data_dir=/data/geomeld --config.input.global_batch_size=256
 
 TPU pod slice (same SHA on every worker, one process per host):
-  launch/tpu.sh run --config=configs/pretrain.py:tiny,full --workdir=gs://bucket/runs/tiny -- \
-      --config.input.data_dir=gs://bucket/geomeld --config.mesh="(('data',-1),('fsdp',4))"
+  launch/tpu.sh run --config=configs/pretrain.py:tiny,full --workdir=gs://bucket/runs/tiny \
+      --data-bucket=gs://data -- --config.input.data_dir=/tmp/gcsfuse/geomeld \
+      --config.mesh="(('data',-1),('fsdp',4))"
 
 Ablations as in the paper (LP/FT numbers in ../shared/design/ARCHITECTURE.md):
   for o in s2_mae mp_mae mp_mae_jepa mp_mae_itc full; do
@@ -72,7 +73,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # --- Optimizer (AdamW, warmup + cosine; FCMAE/MMEarth recipe scaled to the batch) ---------
   config.total_steps = 300 if smoke else 100_000
   config.optim = dict(
-      lr=1e-3 if smoke else 1.5e-4 * config.input.global_batch_size / 256,
+      # Peak lr per 256 samples; the peak lr follows the global batch (the MAE/FCMAE linear
+      # scaling rule), so `--config.input.global_batch_size=256` also rescales the lr.
+      base_lr=0.032 if smoke else 1.5e-4,  # smoke: 1e-3 at its batch of 8
+      lr_batch_unit=256,
       min_lr=0.0,
       warmup_steps=20 if smoke else 5_000,
       total_steps=config.get_ref("total_steps"),
@@ -81,8 +85,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       eps=1e-8,
       weight_decay=0.05,
       grad_clip_norm=1.0,
-      mu_dtype=None,
+      mu_dtype="float32",  # Adam's first moment; "bfloat16" halves its memory
   )
+  # A reference, not a value: it is recomputed whenever base_lr or the batch is overridden.
+  # `--config.optim.lr=x` still sets the peak lr outright.
+  config.optim.lr = (config.optim.get_ref("base_lr") * config.input.get_ref("global_batch_size")
+                     / config.optim.get_ref("lr_batch_unit"))
 
   # --- Parallelism -------------------------------------------------------------------------
   # ('data', -1): every remaining device does data parallelism; raise fsdp to shard params

@@ -8,16 +8,25 @@ Atomicity comes from Orbax: a step is written into `<step>.orbax-checkpoint-tmp*
 (local disk) or marked with a commit file (GCS) only once every item is complete, and
 `latest_step()` ignores unfinished ones. A process killed mid-save therefore leaves nothing
 that `restore_latest` would pick up (tests/test_checkpointing.py kills one with SIGKILL).
+
+Preemption: on a multi-host job `jax.distributed` turns the preemption notice (SIGTERM on a
+Cloud TPU VM) into a step every host agrees on, and Orbax's policy saves there. A
+single-process run (one GPU host, a CPU) has no such service, so a Checkpointer made with
+`catch_sigterm=True` (the train loop's) catches SIGTERM itself: the next step is saved and
+the loop stops. A second SIGTERM kills as usual; `close()` restores the previous handler.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
@@ -46,7 +55,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str | epath.PathLike, *, save_interval_steps: int, max_to_keep: int,
-               async_save: bool = True):
+               async_save: bool = True, catch_sigterm: bool = False):
     if save_interval_steps <= 0:
       raise ValueError(f"save_interval_steps must be positive, got {save_interval_steps}")
     if max_to_keep <= 0:
@@ -65,14 +74,32 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE_ITEM, DATA_ITER_ITEM),
                                           options=options)
+    self._terminated = False
+    self._previous_sigterm_handler = None
+    if catch_sigterm and jax.process_count() == 1:
+      if threading.current_thread() is not threading.main_thread():
+        raise ValueError("catch_sigterm needs the main thread (Python delivers signals there)")
+      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      # None: a handler set outside Python; the default action is the closest we can restore.
+      self._previous_sigterm_handler = signal.SIG_DFL if previous is None else previous
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del frame
+    if self._terminated:  # asked twice: stop waiting for the step, die as without us
+      signal.signal(signum, self._previous_sigterm_handler)
+      signal.raise_signal(signum)
+      return
+    self._terminated = True
+    logging.warning("SIGTERM: the next step is checkpointed, then the run stops")
 
   def should_save(self, step: int) -> bool:
     """Whether `maybe_save(step, ...)` would write (interval reached or preemption signalled)."""
-    return self._manager.should_save(step)
+    return self._terminated or self._manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
-    """True once every host has seen the preemption notice: save now, then exit."""
-    return self._manager.reached_preemption(step)
+    """True once every host has seen the preemption notice (or this process a SIGTERM): save
+    now, then exit."""
+    return self._terminated or self._manager.reached_preemption(step)
 
   def maybe_save(self, step: int, state: PyTree, data_iter: DataIterator | None = None, *,
                  force: bool = False) -> bool:
@@ -85,7 +112,8 @@ class Checkpointer:
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top
       items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items),
+                               force=force or self._terminated)
     if saved:
       logging.info("checkpoint save of step %d started in %s", step, self.directory)
     return saved
@@ -132,7 +160,11 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the last save, then gives SIGTERM back to whoever handled it before."""
     self._manager.close()
+    if self._previous_sigterm_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
+      self._previous_sigterm_handler = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +204,39 @@ def save_config(workdir: str | epath.PathLike, config_json: str | Mapping[str, A
     tmp.write_text(json.dumps(_config_dict(config_json), indent=2, sort_keys=True))
     tmp.replace(path)  # atomic, and overwrites the config of an earlier (resumed) start
   return path
+
+
+SHARED_WORKDIR_TOKEN = ".hosts_share_this_workdir"
+
+
+def check_workdir_is_shared(workdir: str | epath.PathLike) -> None:
+  """Refuses to start a multi-host run whose hosts do not see one and the same workdir.
+
+  Every host writes its part of each checkpoint into the workdir, so a path on each host's
+  own disk gives checkpoints that no host can restore whole. Host 0 writes a fresh token; every
+  host must read it back. Collective: call it on every host.
+
+  Raises:
+    ValueError: on every host, naming the hosts that cannot see host 0's token.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  token = epath.Path(workdir) / SHARED_WORKDIR_TOKEN
+  nonce = int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(1, 2**31 - 1))))
+  if jax.process_index() == 0:
+    token.write_text(str(nonce))
+  multihost_utils.sync_global_devices("geomeld: workdir token written")
+  sees_it = token.exists() and token.read_text().strip() == str(nonce)
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(sees_it)))
+  blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
+  if blind:
+    raise ValueError(
+        f"hosts {blind} do not see the workdir {workdir} that host 0 writes to: each host would "
+        "keep only its own part of every checkpoint. Use a gs:// workdir or a mount all hosts "
+        "share.")
 
 
 def _has_checkpoint(workdir: str | epath.PathLike) -> bool:

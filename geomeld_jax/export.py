@@ -85,7 +85,8 @@ def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> ep
   info = {"step": step, "model": dataclasses.asdict(mcfg),
           "input_bands": list(mod.SENTINEL2.bands), "encoder_stride": mcfg.stride,
           "encoders": sorted(trees)}
-  (out / "model_config.json").write_text(json.dumps(info, indent=2))
+  if jax.process_index() == 0:  # the saves above are collective; this file is written once
+    (out / "model_config.json").write_text(json.dumps(info, indent=2))
   logging.info("exported %s of step %d to %s", sorted(trees), step, out)
   return out
 

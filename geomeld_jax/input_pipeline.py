@@ -1,8 +1,9 @@
 """Grain input pipeline over a built GeoMeld dataset (TFDS ArrayRecord, see data_prep).
 
 Per record: decode + normalise with the build's statistics (geomeld_jax.records), the same
-random crop / flips / 90-degree rotations applied to every pixel modality, one caption drawn
-and tokenised with the build's SentencePiece model. Per host: a disjoint slice of a globally
+random crop / flips / 90-degree rotations applied to every pixel modality, one caption drawn,
+its in-tile directions ("in the north-east of the tile", "north-facing") turned with the
+pixels, and tokenised with the build's SentencePiece model. Per host: a disjoint slice of a globally
 shuffled, repeated index space, batched to the host's share of the global batch. The
 iterator is a grain DatasetIterator, so its position is saved with each checkpoint.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from data_prep.captioning import lexicon  # the caption vocabulary, compass words included
 from geomeld_jax import modalities as mod
 from geomeld_jax import records
 
@@ -48,6 +50,12 @@ def locate_dataset(path: str | pathlib.Path, build_hint: str = "") -> DatasetFil
   Raises:
     FileNotFoundError: with the command that builds the dataset when nothing is there.
   """
+  if str(path).startswith(("gs://", "s3://")):
+    raise ValueError(
+        f"data_dir {path} is an object-store URL, which ArrayRecord cannot read (google/"
+        "array_record#120). Mount the bucket and point data_dir inside the mount: on a TPU VM, "
+        "launch/tpu.sh run --data-bucket=gs://BUCKET mounts it (gcsfuse) at /tmp/gcsfuse, so "
+        "--config.input.data_dir=/tmp/gcsfuse/<path in the bucket>.")
   p = pathlib.Path(path)
   candidates = [p] + sorted(p.glob("*/*")) + sorted(p.glob("*"))
   for c in candidates:
@@ -114,7 +122,9 @@ class ProcessRecord(grain.transforms.RandomMap):
       ex[key] = np.ascontiguousarray(np.rot90(v, k, axes=(0, 1)))
     caps = records.captions(record)
     if self._tokenizer is not None and caps:
-      ex["text_tokens"] = self._tokenizer(caps[int(rng.integers(len(caps)))])
+      caption = lexicon.reorient_caption(caps[int(rng.integers(len(caps)))], flip_lr=bool(flip_h),
+                                         flip_ud=bool(flip_v), rot90=k)
+      ex["text_tokens"] = self._tokenizer(caption)
       ex["has_caption"] = np.bool_(True)
     else:
       ex["text_tokens"] = np.zeros(self._text_len, np.int32)
@@ -141,7 +151,8 @@ def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, cro
   device in the train step, or with numpy) turns them into the model's batch contract.
 
   Train: shuffled with `seed` (a new permutation each epoch), repeated forever, augmented.
-  Eval: in order, one pass, centre-cropped, truncated to `max_eval_batches` batches.
+  Eval: in order, one pass, centre-cropped, whole global batches only (the same number on
+  every host), truncated to `max_eval_batches` batches.
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} hosts")
@@ -153,6 +164,10 @@ def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, cro
                      f"({global_batch_size})")
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
+  else:
+    # Whole global batches only, so every host runs the same number of eval steps (a host
+    # with one batch more would wait forever in the step's collectives).
+    ds = ds[:len(ds) // global_batch_size * global_batch_size]
   ds = ds[process_index::process_count]  # disjoint per host: same permutation everywhere
   ds = ds.random_map(ProcessRecord(tokenizer, crop_size=crop_size, augment=train,
                                    text_len=text_len), seed=seed + 1)

@@ -81,6 +81,9 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 # Every field is required: the defaults live in the config (configs/pretrain.py), nowhere else.
 _FIELDS = ("lr", "min_lr", "warmup_steps", "total_steps", "b1", "b2", "eps", "weight_decay",
            "grad_clip_norm", "mu_dtype")
+# The config derives lr from these (lr = base_lr * global batch / lr_batch_unit); they are
+# accepted, and only lr is used.
+_LR_RULE_FIELDS = ("base_lr", "lr_batch_unit")
 
 
 def make_optimizer(cfg: Mapping[str, Any] | Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -91,19 +94,21 @@ def make_optimizer(cfg: Mapping[str, Any] | Any) -> tuple[optax.GradientTransfor
       lr: peak learning rate, reached after `warmup_steps`;
       warmup_steps: linear warmup from 0 (0 = start at the peak);
       total_steps: length of the whole schedule, warmup included; cosine decay ends there;
-      grad_clip_norm: global-norm clip threshold, or None / 0 for no clipping;
+      grad_clip_norm: global-norm clip threshold, or None / 0 for no clipping (the optimizer
+        state has the same structure either way, so a run may resume with clipping changed);
       min_lr: the learning rate the cosine decays to;
       b1, b2, eps: Adam (the FCMAE recipe uses 0.9, 0.95, 1e-8);
       weight_decay: decoupled, on the parameters `weight_decay_mask` selects;
-      mu_dtype: None, or the dtype of Adam's first moment, e.g. 'bfloat16' to halve its memory.
+      mu_dtype: the dtype of Adam's first moment ('float32', or 'bfloat16' to halve its
+        memory); None keeps the parameters' dtype.
 
   Returns:
     (the optax transformation, the learning-rate schedule so the loop can log it).
   """
   fields = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-  unknown = sorted(set(fields) - set(_FIELDS))
+  unknown = sorted(set(fields) - set(_FIELDS) - set(_LR_RULE_FIELDS))
   if unknown:
-    raise ValueError(f"unknown optimizer fields {unknown}; known: {sorted(_FIELDS)}")
+    raise ValueError(f"unknown optimizer fields {unknown}; known: {sorted(_FIELDS + _LR_RULE_FIELDS)}")
   missing = [key for key in _FIELDS if key not in fields]
   if missing:
     raise ValueError(f"optimizer config lacks the required fields {missing}")
@@ -120,10 +125,10 @@ def make_optimizer(cfg: Mapping[str, Any] | Any) -> tuple[optax.GradientTransfor
 
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=min_lr)
-  transforms = []
   clip = c["grad_clip_norm"]
-  if clip is not None and float(clip) > 0:
-    transforms.append(optax.clip_by_global_norm(float(clip)))
+  # Both transforms keep empty states, so identity() keeps the chain's state structure fixed.
+  transforms = [optax.clip_by_global_norm(float(clip)) if clip is not None and float(clip) > 0
+                else optax.identity()]
   transforms.append(optax.adamw(
       learning_rate=schedule, b1=float(c["b1"]), b2=float(c["b2"]), eps=float(c["eps"]),
       mu_dtype=None if c["mu_dtype"] is None else jnp.dtype(c["mu_dtype"]),

@@ -25,22 +25,25 @@ from geomeld_jax import sharding
 from geomeld_jax import train_step as ts
 
 # Config keys a checkpoint must agree on to be resumed (schedules and logging may change).
+# input.num_workers: Grain's saved iterator position is per worker process; restoring it into a
+# different worker count fails (KeyError) or, with more workers, silently reorders the data.
 RESUME_KEYS = ("model", "seed", "input.crop_size", "input.text_len", "input.global_batch_size",
-               "mesh")
+               "input.num_workers", "mesh")
 
 
 def _dataset(config) -> input_pipeline.DatasetFiles:
   data_dir = config.input.data_dir
   if not data_dir:
     raise ValueError("config.input.data_dir is empty: point it at a dataset built by data_prep")
-  if config.input.build_demo_if_missing:
-    try:
-      return input_pipeline.locate_dataset(data_dir)
-    except FileNotFoundError:
-      from data_prep import demo  # pylint: disable=g-import-not-at-top
+  if not config.input.build_demo_if_missing:
+    return input_pipeline.locate_dataset(data_dir)  # its error names data_prep.build
+  try:
+    return input_pipeline.locate_dataset(data_dir)
+  except FileNotFoundError:
+    from data_prep import demo  # pylint: disable=g-import-not-at-top
 
-      logging.info("no dataset in %s: building the synthetic demo dataset", data_dir)
-      print(demo.build_demo(data_dir, num_samples=config.input.demo_num_samples))
+    logging.info("no dataset in %s: building the synthetic demo dataset", data_dir)
+    print(demo.build_demo(data_dir, num_samples=config.input.demo_num_samples))
   return input_pipeline.locate_dataset(
       data_dir, build_hint="python -m data_prep.demo --output_dir=" + str(data_dir))
 
@@ -75,6 +78,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   ##########################################################################################
   # Run metadata and resume compatibility                                                  #
   ##########################################################################################
+  checkpointing.check_workdir_is_shared(workdir)  # multi-host: one workdir for all hosts
   checkpointing.check_compatible(workdir, config, RESUME_KEYS)
   checkpointing.save_config(workdir, config)
   if is_host0:
@@ -122,7 +126,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   ##########################################################################################
   ckpt = checkpointing.Checkpointer(workdir, save_interval_steps=config.checkpoint_every,
                                     max_to_keep=config.keep_checkpoints,
-                                    async_save=config.async_checkpoints)
+                                    async_save=config.async_checkpoints, catch_sigterm=True)
   restored = ckpt.restore_latest(setup.abstract_state, data_iter=train_iter)
   if restored is None:
     state, first_step = setup.init_state(), 0
@@ -176,7 +180,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   finally:
     # Whatever ends the loop (the end, a stop, a NaN, an error), a save in flight holds a good
     # state: let it commit before the process goes.
-    ckpt.wait_until_finished()
+    ckpt.close()  # waits for it, and hands SIGTERM back
     writer.close()
   if first_step >= config.total_steps:
     logging.info("nothing to do: the checkpoint in %s is already at step %d", workdir, first_step)

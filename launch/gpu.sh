@@ -67,4 +67,15 @@ if (( DRY_RUN )); then
 fi
 mkdir -p "$WORKDIR/launch"
 printf '%s\n' "$RECORD" > "$WORKDIR/launch/$RUN_ID.txt"
-"${CMD[@]}" 2>&1 | tee -a "$WORKDIR/train.log"
+"${CMD[@]}" > >(tee -a "$WORKDIR/train.log") 2>&1 &
+TRAIN_PID=$!
+# A SIGTERM sent to this script (a scheduler, `docker stop`, `kill`) goes on to the trainer,
+# which checkpoints the next step and stops; this script then exits with the trainer's status.
+trap 'kill -TERM "$TRAIN_PID" 2>/dev/null || true' TERM
+status=0
+wait "$TRAIN_PID" || status=$?
+while kill -0 "$TRAIN_PID" 2>/dev/null; do  # the trap cut the first wait short
+  status=0
+  wait "$TRAIN_PID" || status=$?
+done
+exit "$status"

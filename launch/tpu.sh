@@ -3,8 +3,8 @@
 #
 # Usage:
 #   launch/tpu.sh [--dry-run] [flags] create [--spot|--reserved]
-#   launch/tpu.sh [--dry-run] [flags] setup
-#   launch/tpu.sh [--dry-run] [flags] run --config=configs/pretrain.py:<variant> [-- --config.a.b=v ...]
+#   launch/tpu.sh [--dry-run] [flags] setup [--data-bucket=gs://BUCKET]
+#   launch/tpu.sh [--dry-run] [flags] run --config=configs/pretrain.py:<variant> [--data-bucket=gs://BUCKET] [-- --config.a.b=v ...]
 #   launch/tpu.sh [--dry-run] [flags] logs
 #   launch/tpu.sh [--dry-run] [flags] stop
 #   launch/tpu.sh [--dry-run] [flags] delete
@@ -13,7 +13,13 @@
 #   --tpu-name [TPU_NAME]  --zone [ZONE]  --project [PROJECT]
 #   --accelerator-type [ACCELERATOR_TYPE], e.g. v5p-32    (create)
 #   --runtime-version [TPU_RUNTIME_VERSION], default tpu-ubuntu2204-base   (create)
-#   --workdir [WORKDIR], e.g. gs://bucket/geomeld/run1   (run)
+#   --workdir [WORKDIR], e.g. gs://bucket/geomeld/run1   (run). Every host writes its part
+#       of each checkpoint there, so a multi-host slice needs gs:// (or a shared mount); the
+#       run refuses to start when the hosts do not see the same workdir.
+#   --data-bucket [DATA_BUCKET], e.g. gs://my-data   (setup installs gcsfuse, run mounts it
+#       read-only at --data-mount [DATA_MOUNT], default /tmp/gcsfuse). ArrayRecord cannot read
+#       gs:// itself (google/array_record#120), so the dataset is read through the mount:
+#       --config.input.data_dir=/tmp/gcsfuse/<path in the bucket>.
 #   --dry-run  print every gcloud/git command instead of running it (needs no gcloud)
 #
 # Every worker runs the same code: `setup` ships `git archive` of the local HEAD commit,
@@ -24,7 +30,9 @@
 #   python -m geomeld_jax.aot --config=configs/pretrain.py:base --topology=v5p:2x2x4 [--config.a.b=v]):
 #   export TPU_NAME=geomeld-v5p ZONE=us-east5-a PROJECT=my-proj ACCELERATOR_TYPE=v5p-32
 #   launch/tpu.sh create --spot && launch/tpu.sh setup
-#   launch/tpu.sh run --workdir=gs://my-bucket/geomeld/base1 --config=configs/pretrain.py:base -- --config.total_steps=100000
+#   launch/tpu.sh setup --data-bucket=gs://my-data
+#   launch/tpu.sh run --workdir=gs://my-bucket/geomeld/base1 --config=configs/pretrain.py:base \
+#       --data-bucket=gs://my-data -- --config.input.data_dir=/tmp/gcsfuse/geomeld
 set -euo pipefail
 
 readonly REMOTE_ROOT='~/geomeld'  # expanded by the worker's shell, not here
@@ -35,6 +43,8 @@ CAPACITY=""
 CONFIG=""
 OVERRIDES=()
 TPU_RUNTIME_VERSION="${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+DATA_BUCKET="${DATA_BUCKET:-}"
+DATA_MOUNT="${DATA_MOUNT:-/tmp/gcsfuse}"
 
 die() { echo "tpu.sh: error: $*" >&2; exit 2; }
 
@@ -80,6 +90,32 @@ tpu_ssh() {  # tpu_ssh <worker> <remote command>
     --worker="$1" --command="$2"
 }
 
+# The worker-side shell lines that install gcsfuse (setup) and mount DATA_BUCKET (run); both
+# idempotent. Mount flags as maxtext's setup_gcsfuse.sh: read-only, metadata cached for the
+# whole run (the dataset does not change under a run).
+gcsfuse_install_lines() {
+  [[ -n "$DATA_BUCKET" ]] || return 0
+  cat <<EOS
+if ! command -v gcsfuse >/dev/null; then
+  echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
+  sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
+fi
+EOS
+}
+
+gcsfuse_mount_lines() {
+  [[ -n "$DATA_BUCKET" ]] || return 0
+  local bucket="${DATA_BUCKET#gs://}" mount
+  bucket="${bucket%/}"
+  mount="$(printf '%q' "$DATA_MOUNT")"
+  cat <<EOS
+command -v gcsfuse >/dev/null || { echo "gcsfuse is missing on \$(hostname): run launch/tpu.sh setup --data-bucket=$DATA_BUCKET" >&2; exit 1; }
+mkdir -p $mount
+mountpoint -q $mount || gcsfuse -o ro --implicit-dirs --type-cache-max-size-mb=-1 --stat-cache-max-size-mb=-1 --kernel-list-cache-ttl-secs=-1 --metadata-cache-ttl-secs=-1 $bucket $mount
+EOS
+}
+
 # ---------------------------------------------------------------------------------------------
 cmd_create() {
   require TPU_NAME ZONE PROJECT ACCELERATOR_TYPE
@@ -114,7 +150,8 @@ echo $sha > \$src/GIT_SHA
 [ -x $REMOTE_ROOT/venv/bin/python ] || python3 -m venv $REMOTE_ROOT/venv
 $REMOTE_ROOT/venv/bin/pip install -q -U pip
 $REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt 'jax[tpu]' -f $JAX_TPU_FIND_LINKS
-$REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt -e \$src
+$REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt -e \"\$src[tpu,gcs]\"
+$(gcsfuse_install_lines)
 touch \$src/.setup_done
 echo \"geomeld $sha ready on \$(hostname)\""
   tpu_ssh all "$remote"
@@ -137,6 +174,7 @@ cmd_run() {
   local remote="set -euo pipefail
 src=$REMOTE_ROOT/src/$sha
 [ -f \$src/.setup_done ] || { echo \"commit $sha is not set up on \$(hostname): run launch/tpu.sh setup\" >&2; exit 1; }
+$(gcsfuse_mount_lines)
 stale=\$(sudo lsof -t -w /dev/accel* /dev/vfio/* 2>/dev/null | sort -u || true)
 if [ -n \"\$stale\" ]; then echo \"killing stale TPU users: \$stale\"; sudo kill -9 \$stale || true; sleep 2; fi
 sudo rm -f /tmp/libtpu_lockfile
@@ -197,6 +235,8 @@ while (( $# )); do
     --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
     --runtime-version=*) TPU_RUNTIME_VERSION="${1#*=}" ;;
     --workdir=*) WORKDIR="${1#*=}" ;;
+    --data-bucket=*) DATA_BUCKET="${1#*=}" ;;
+    --data-mount=*) DATA_MOUNT="${1#*=}" ;;
     --config=*) CONFIG="${1#*=}" ;;
     --spot) CAPACITY=spot ;;
     --reserved) CAPACITY=reserved ;;
@@ -204,7 +244,7 @@ while (( $# )); do
     create|setup|run|logs|stop|delete)
       [[ -z "$SUBCOMMAND" ]] || die "two subcommands given: $SUBCOMMAND and $1"
       SUBCOMMAND="$1" ;;
-    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
@@ -212,6 +252,10 @@ done
 [[ -n "$SUBCOMMAND" ]] || die "no subcommand: one of create, setup, run, logs, stop, delete (see --help)"
 if (( ${#OVERRIDES[@]} )) && [[ "$SUBCOMMAND" != run ]]; then
   die "config overrides after -- only apply to 'run', not '$SUBCOMMAND'"
+fi
+if [[ -n "$DATA_BUCKET" ]]; then
+  [[ "$DATA_BUCKET" =~ ^gs://[a-z0-9][a-z0-9._-]*/?$ ]] || die "--data-bucket takes a bucket, gs://NAME, not '$DATA_BUCKET' (pick the path inside it with --config.input.data_dir=$DATA_MOUNT/<path>)"
+  [[ "$SUBCOMMAND" == setup || "$SUBCOMMAND" == run ]] || die "--data-bucket only applies to 'setup' and 'run'"
 fi
 if [[ -n "$CAPACITY" && "$SUBCOMMAND" != create ]]; then
   die "--$CAPACITY only applies to 'create'"

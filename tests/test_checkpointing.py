@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -200,3 +201,64 @@ def test_sigkill_during_async_save_leaves_previous_step_restorable(tmp_path, mes
   ckpt.wait_until_finished()
   assert list(ckpt.all_steps()) == [1, 2]
   ckpt.close()
+
+
+def test_sigterm_saves_the_next_step_then_restores_the_handler(tmp_path, mesh):
+  state, _ = _state(mesh, seed=4)
+  before = signal.getsignal(signal.SIGTERM)
+  ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=100, max_to_keep=2,
+                                    async_save=False, catch_sigterm=True)
+  assert not ckpt.should_save(3) and not ckpt.reached_preemption(3)
+  assert not ckpt.maybe_save(3, state)
+  os.kill(os.getpid(), signal.SIGTERM)  # what a job scheduler sends before it kills
+  assert ckpt.should_save(4) and ckpt.reached_preemption(4)
+  assert ckpt.maybe_save(4, state)  # off the interval: saved because of the signal
+  assert ckpt.all_steps() == [4]
+  ckpt.close()
+  assert signal.getsignal(signal.SIGTERM) is before
+  # A plain Checkpointer leaves SIGTERM alone.
+  plain = checkpointing.Checkpointer(tmp_path, save_interval_steps=100, max_to_keep=2)
+  assert signal.getsignal(signal.SIGTERM) is before
+  plain.close()
+
+
+_HOST = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process on CPU
+    port, host, workdir = sys.argv[1:]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(host))
+    from geomeld_jax import checkpointing
+    try:
+      checkpointing.check_workdir_is_shared(workdir)
+      print("SHARED")
+    except ValueError as e:
+      print("REFUSED", e)
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_two_hosts_must_share_the_workdir(tmp_path, shared):
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  port = _free_port()
+  # Two processes of one jax.distributed job; unshared, each has a workdir on "its own disk".
+  workdirs = [tmp_path / "wd"] * 2 if shared else [tmp_path / "host0", tmp_path / "host1"]
+  for w in workdirs:
+    w.mkdir(exist_ok=True)
+  hosts = [subprocess.Popen([sys.executable, "-c", _HOST, str(port), str(i), str(w)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i, w in enumerate(workdirs)]
+  outputs = [h.communicate(timeout=120) for h in hosts]
+  for host, (out, err) in zip(hosts, outputs):
+    assert host.returncode == 0, err[-2000:]
+    result = out.strip().splitlines()[-1]  # gloo prints its own connection line first
+    if shared:
+      assert result == "SHARED", out
+    else:  # every host refuses, so none waits forever in a later collective
+      assert result.startswith("REFUSED hosts [1] do not see the workdir"), out

@@ -86,3 +86,57 @@ def test_split_smaller_than_a_batch_is_a_clear_error(demo_dataset):
   with pytest.raises(ValueError, match="fewer than one global batch"):
     input_pipeline.make_dataset(files, "val", global_batch_size=4096, crop_size=32, text_len=8,
                                 seed=0, train=False)
+
+
+def test_every_host_gets_the_same_number_of_eval_batches(demo_dataset):
+  files = input_pipeline.locate_dataset(demo_dataset)
+  num_records = len(input_pipeline._split_source(files, "val"))  # pylint: disable=protected-access
+  hosts = next(h for h in (3, 4, 5, 7) if num_records % h)  # hosts then get unequal slices
+
+  def per_host_slices(global_batch):  # batches per host if each host sliced the whole split
+    return {-(-(num_records - i) // hosts) // (global_batch // hosts) for i in range(hosts)}
+
+  # A batch size at which slicing the whole split would give hosts unequal batch counts (the
+  # multi-host hang this guards against), so the test can tell the two apart.
+  global_batch = next(b for b in range(hosts, num_records, hosts) if len(per_host_slices(b)) > 1)
+  counts, seen = [], []
+  for host in range(hosts):
+    ds = input_pipeline.make_dataset(files, "val", global_batch_size=global_batch, crop_size=32,
+                                     text_len=8, seed=0, train=False, process_index=host,
+                                     process_count=hosts)
+    batches = list(ds)
+    counts.append(len(batches))
+    seen.append({b.tobytes() for batch in batches for b in batch["sentinel2"]})
+  assert counts == [num_records // global_batch] * hosts, (counts, num_records, global_batch)
+  assert sum(len(s) for s in seen) == len(set().union(*seen)) == counts[0] * global_batch
+
+
+def test_a_bucket_url_as_data_dir_says_to_mount_it():
+  with pytest.raises(ValueError, match="gcsfuse"):
+    input_pipeline.locate_dataset("gs://bucket/geomeld")
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_caption_directions_turn_with_the_pixels(seed):
+  from data_prep.captioning import lexicon
+
+  texts = []
+
+  def tokenizer(text):
+    texts.append(text)
+    return np.zeros(8, np.int32)
+
+  rec = _coordinate_record()
+  rec["captions"] = ["; ".join(f"item {i} in the {w} of the tile" for i, w in enumerate(lexicon.COMPASS))]
+  process = input_pipeline.ProcessRecord(tokenizer, crop_size=32, augment=True, text_len=8)
+  ex = process.random_map(rec, np.random.default_rng(seed))
+  code = ex["sentinel2"][..., 0].astype(np.int64) - 1
+  where = {(int(c) // SIZE, int(c) % SIZE): (i, j) for (i, j), c in np.ndenumerate(code)}
+  (r0, c0), (i0, j0) = next((rc, ij) for rc, ij in where.items() if ij == (15, 15))
+  got = [p.split(" of the tile")[0].split("in the ")[1] for p in texts[0].split("; ")]
+  for word, turned in zip(lexicon.COMPASS, got):
+    bearing = np.radians(lexicon.compass_angle(word))
+    step = (-round(np.cos(bearing)), round(np.sin(bearing)))  # a stored pixel one step `word`-wards
+    i1, j1 = where[(r0 + step[0], c0 + step[1])]
+    seen = lexicon.compass_of(np.degrees(np.arctan2(j1 - j0, -(i1 - i0))))  # where it is now
+    assert turned == seen, (word, turned, seen, texts[0])

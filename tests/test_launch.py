@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 
 import pytest
@@ -51,7 +52,27 @@ def test_setup_ships_the_head_sha_to_all_workers(sha):
   ssh = out[out.index("tpu-vm ssh"):]
   assert "--worker=all" in ssh and f"src=~/geomeld/src/{sha}" in ssh
   assert "[ -x ~/geomeld/venv/bin/python ] || python3 -m venv" in ssh  # idempotent venv
-  assert "jax[tpu]" in ssh and "-c $src/constraints.txt -e $src" in ssh
+  assert "jax[tpu]" in ssh and '-c $src/constraints.txt -e "$src[tpu,gcs]"' in ssh
+  assert "gcsfuse" not in ssh  # only with --data-bucket
+
+
+def test_data_bucket_is_installed_at_setup_and_mounted_before_the_run():
+  setup = _run(TPU_SH, "--dry-run", "setup", "--data-bucket=gs://geo-data", env=TPU_ENV)
+  assert setup.returncode == 0, setup.stderr
+  assert "sudo apt-get install -y -q gcsfuse" in setup.stdout
+  run = _run(TPU_SH, "--dry-run", "run", "--config=configs/pretrain.py:base", "--data-bucket=gs://geo-data",
+             "--data-mount=/mnt/geo", "--", "--config.input.data_dir=/mnt/geo/geomeld", env=TPU_ENV)
+  assert run.returncode == 0, run.stderr
+  out = run.stdout
+  mount = "mountpoint -q /mnt/geo || gcsfuse -o ro --implicit-dirs"
+  assert mount in out and "geo-data /mnt/geo" in out
+  assert out.index(mount) < out.rindex("python -m geomeld_jax.main")  # mounted before it starts
+  for bad in ("gs://geo-data/geomeld", "geo-data"):
+    result = _run(TPU_SH, "--dry-run", "run", "--config=configs/pretrain.py:base", f"--data-bucket={bad}",
+                  env=TPU_ENV)
+    assert result.returncode == 2 and "--data-bucket takes a bucket" in result.stderr
+  stop = _run(TPU_SH, "--dry-run", "stop", "--data-bucket=gs://geo-data", env=TPU_ENV)
+  assert stop.returncode == 2 and "only applies to 'setup' and 'run'" in stop.stderr
 
 
 def test_run_cleans_stale_tpu_users_and_starts_detached(sha):
@@ -161,3 +182,26 @@ def test_gpu_dry_run(sha):
 def test_gpu_missing_workdir_fails_clearly():
   result = _run(GPU_SH, "--dry-run", "--config=configs/pretrain.py:base")
   assert result.returncode != 0 and "WORKDIR is not set" in result.stderr
+
+
+def test_gpu_launcher_passes_sigterm_on_to_the_trainer(tmp_path):
+  # A stand-in trainer: says it started, and on SIGTERM says so and exits 0 (as the train loop
+  # does after its preemption save).
+  trainer = tmp_path / "trainer.sh"
+  trainer.write_text("#!/usr/bin/env bash\ntrap 'echo got TERM; exit 0' TERM\necho started \"$@\"\n"
+                     "for i in $(seq 300); do sleep 0.1; done\necho never signalled\nexit 3\n")
+  trainer.chmod(0o755)
+  workdir = tmp_path / "wd"
+  launcher = subprocess.Popen([BASH, str(GPU_SH), "--config=configs/pretrain.py:atto", f"--workdir={workdir}"],
+                              env={**os.environ, "PYTHON": str(trainer)}, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    assert launcher.stdout.readline().startswith("started -m geomeld_jax.main")
+    launcher.send_signal(signal.SIGTERM)  # to the launcher only, as `kill <pid>` would
+    out, _ = launcher.communicate(timeout=20)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 0, out
+  assert "got TERM" in out and "never signalled" not in out
+  assert "got TERM" in (workdir / "train.log").read_text()

@@ -112,7 +112,9 @@ def test_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(new_state[1][0].nu["w"], 0.05 * (0.5 / 3.0) ** 2, rtol=1e-5)
   tx_free, _ = optim.make_optimizer(_cfg(grad_clip_norm=None, b1=0.0, weight_decay=0.0))
   _, free_state = tx_free.update(big, tx_free.init(params), params)
-  np.testing.assert_allclose(free_state[0][0].nu["w"], 0.05 * 100.0**2, rtol=1e-5)
+  np.testing.assert_allclose(free_state[1][0].nu["w"], 0.05 * 100.0**2, rtol=1e-5)
+  # Same state structure with or without clipping: a run may resume with it changed.
+  assert jax.tree.structure(free_state) == jax.tree.structure(new_state)
 
 
 def test_bf16_first_moment():

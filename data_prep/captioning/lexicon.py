@@ -207,3 +207,80 @@ def compass_of(angle_deg: float) -> str:
 
 def compass_angle(word: str) -> float:
   return 45.0 * COMPASS.index(word)
+
+
+# ----------------------------------------------------------------------------------------
+# In-tile directions under the training augmentation's flips and 90-degree rotations.
+# ----------------------------------------------------------------------------------------
+# A caption's in-tile directions ("water in the north-east of the tile", "north-facing
+# slopes", "the top-left corner") describe the tile as stored, north up. Once the input
+# pipeline mirrors or rotates the pixels, those words must turn with them, or image-text
+# contrastive learning pairs the image with a caption that contradicts it. Only in-tile
+# constructions are rewritten: "the northern hemisphere", "in the north of Spain" and names
+# ("South Africa") keep their words.
+
+_DIRECTION = "|".join(sorted(COMPASS, key=len, reverse=True))
+_FACING_RE = re.compile(rf"\b({_DIRECTION})-facing\b", re.I)
+# Case-sensitive on purpose: "of Spain" (a capital) is a place, "of the tile" is not.
+_IN_THE_RE = re.compile(
+    rf"\b([Ii]n the )((?i:{_DIRECTION}))(?!-)((?:ern)?)\b((?: (?:part|side|corner|half|edge))?+)"
+    r"(?! hemisphere)(?! of (?:the )?[A-Z])")
+_CORNER_RE = re.compile(r"\b(top|upper|bottom|lower)([- ])(left|right)\b", re.I)
+_SIDE_RE = re.compile(r"\b(the )(left|right|top|bottom|upper|lower)( (?:part|side|half|edge|corner))\b",
+                      re.I)
+_SIDE_BEARING = {"top": 0, "upper": 0, "right": 90, "bottom": 180, "lower": 180, "left": 270}
+
+
+def transform_bearing(bearing_deg: float, *, flip_lr: bool, flip_ud: bool, rot90: int) -> float:
+  """Where a bearing (clockwise from north, north = row 0) points after the input pipeline's
+  augmentation of an (H, W, ...) tile: `v[:, ::-1]` if flip_lr, then `v[::-1]` if flip_ud, then
+  `np.rot90(v, rot90, axes=(0, 1))` (counter-clockwise)."""
+  if flip_lr:
+    bearing_deg = -bearing_deg
+  if flip_ud:
+    bearing_deg = 180.0 - bearing_deg
+  return (bearing_deg - 90.0 * rot90) % 360.0
+
+
+def _same_case(new: str, old: str) -> str:
+  """`new` in the capitalisation of `old` ('North-East' -> 'South-West', 'North-east' -> ...)."""
+  if all(part[:1].isupper() for part in old.split("-")):
+    return "-".join(part.capitalize() for part in new.split("-"))
+  return new[:1].upper() + new[1:] if old[:1].isupper() else new
+
+
+def reorient_caption(text: str, *, flip_lr: bool, flip_ud: bool, rot90: int) -> str:
+  """`text` with its in-tile directions turned as `transform_bearing` turns the pixels."""
+  if not (flip_lr or flip_ud or rot90 % 4):
+    return text
+  turn = lambda word: compass_of(transform_bearing(  # noqa: E731
+      compass_angle(word.lower()), flip_lr=flip_lr, flip_ud=flip_ud, rot90=rot90))
+
+  def facing(m: re.Match) -> str:
+    return _same_case(turn(m.group(1)), m.group(1)) + "-facing"
+
+  def in_the(m: re.Match) -> str:
+    return m.group(1) + _same_case(turn(m.group(2)), m.group(2)) + m.group(3) + m.group(4)
+
+  def corner(m: re.Match) -> str:
+    vertical, sep, horizontal = m.groups()
+    bearing = 45.0 if horizontal.lower() == "right" else 315.0
+    if vertical.lower() in ("bottom", "lower"):
+      bearing = 180.0 - bearing
+    new = transform_bearing(bearing, flip_lr=flip_lr, flip_ud=flip_ud, rot90=rot90)
+    up = {"top": "bottom", "upper": "lower", "bottom": "top", "lower": "upper"}
+    new_vertical = vertical.lower() if (new < 90 or new > 270) == (vertical.lower() in ("top", "upper")) \
+        else up[vertical.lower()]
+    return _same_case(new_vertical, vertical) + sep + ("right" if new < 180 else "left")
+
+  def side(m: re.Match) -> str:
+    word = m.group(2).lower()
+    new = transform_bearing(_SIDE_BEARING[word], flip_lr=flip_lr, flip_ud=flip_ud, rot90=rot90)
+    vertical = ("upper", "lower") if word in ("upper", "lower") else ("top", "bottom")
+    new_word = {0.0: vertical[0], 90.0: "right", 180.0: vertical[1], 270.0: "left"}[new]
+    return m.group(1) + _same_case(new_word, m.group(2)) + m.group(3)
+
+  for pattern, rewrite in ((_FACING_RE, facing), (_IN_THE_RE, in_the), (_CORNER_RE, corner),
+                           (_SIDE_RE, side)):
+    text = pattern.sub(rewrite, text)
+  return text
