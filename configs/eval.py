@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       lr=1e-3 if smoke else 8e-4,
       epochs=2 if smoke else 100,
       batch_size=4 if smoke else 64,
+      accum_steps=2 if smoke else 16,  # batch_size x accum_steps = the batch of 1024 (MMEarth 64 x 16)
       weight_decay=0.3 if not smoke else 0.05,
       min_lr=1e-6,
       layer_decay=0.9,

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import time
 import uuid
 from typing import Any, Iterable, Iterator, Sequence
@@ -198,7 +199,7 @@ class ReadEncodeFn(beam.DoFn):
     if math.isfinite(lat) and math.isfinite(lon):
       assignment = splits.assign(lat, lon, self._split_config)
     else:
-      bid = "unlocated:" + hashlib.sha256(f"{spec}|{unit}".encode()).hexdigest()[:16]
+      bid = unlocated_block_id(spec, unit)
       assignment = splits.Assignment(bid, splits.split_of_block(bid, self._split_config))
     example["block_id"] = assignment.block_id
     if assignment.split == splits.BUFFER:
@@ -210,6 +211,14 @@ class ReadEncodeFn(beam.DoFn):
              json.dumps(counters, sort_keys=True),
              json.dumps(list(example["captions"]), ensure_ascii=False))
     return shard_of(tile_id, self._num_shards), value
+
+
+def unlocated_block_id(spec: str, unit: str) -> str:
+  """The split block of a tile with no location: its whole unit (a scene, a shard), keyed by
+  the source scheme and the unit's file or folder name, so the same data reached by another
+  path (relative, absolute, another mount) lands in the same split."""
+  key = f"{spec.split(':', 1)[0]}|{pathlib.PurePath(unit).name}"
+  return "unlocated:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class WriteShardsFn(beam.DoFn):

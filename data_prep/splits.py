@@ -118,10 +118,17 @@ def split_of_block(bid: str, config: SplitConfig) -> str:
   return [n for n, f in zip(SPLITS, config.fractions) if f > 0][-1]
 
 
+# A tile is square on its own grid, which need not point north: a UTM-aligned tile near a zone
+# edge turns by up to ~3.5 degrees, and a WGS84 degree of latitude is up to 0.7% shorter than
+# the sphere's. The box therefore holds the tile's circumscribed circle (half-diagonal), plus 1%:
+# it contains the footprint however the tile is turned.
+FOOTPRINT_RADIUS_FACTOR = math.sqrt(2.0) * 1.01
+
+
 def footprint_box(lat: float, lon: float,
                   footprint_m: float = TILE_FOOTPRINT_M) -> tuple[float, float, float, float]:
   """(lat_lo, lat_hi, lon_lo, lon_hi) in degrees, a box that contains the tile's footprint."""
-  half = footprint_m / 2.0
+  half = footprint_m / 2.0 * FOOTPRINT_RADIUS_FACTOR
   dlat = half / M_PER_DEG
   lat_lo, lat_hi = max(-90.0, lat - dlat), min(90.0, lat + dlat)
   cos = max(_MIN_COS, math.cos(math.radians(max(abs(lat_lo), abs(lat_hi)))))

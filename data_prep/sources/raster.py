@@ -178,10 +178,29 @@ class Band:
   band: str  # registry band name, e.g. 'B8A'
   data: np.ndarray  # (h, w) as read
   georef: GeoRef | None
+  nodata: float | None = None  # the file's GDAL no-data value: those pixels become NaN
+
+
+GDAL_NODATA_TAG = 42113  # ASCII, e.g. "-9999" or "nan"
+
+
+def geotiff_nodata(path: str) -> float | None:
+  """The GDAL no-data value of a GeoTIFF (tag 42113), or None when it declares none."""
+  with tifffile.TiffFile(path) as tif:
+    tag = tif.pages[0].tags.get(GDAL_NODATA_TAG)
+  if tag is None:
+    return None
+  try:
+    return float(str(tag.value).strip().rstrip("\x00"))
+  except ValueError:
+    raise ValueError(f"{path}: unreadable GDAL no-data tag {tag.value!r}") from None
 
 
 def read_geotiff(path: str) -> tuple[np.ndarray, GeoRef | None]:
-  """One-band GeoTIFF -> (array (h, w), georeference or None when the tags are absent)."""
+  """One-band GeoTIFF -> (array (h, w), georeference or None when the tags are absent).
+
+  The array is as stored: `geotiff_nodata` gives the value that marks missing pixels.
+  """
   with tifffile.TiffFile(path) as tif:
     page = tif.pages[0]
     data = page.asarray()
@@ -275,8 +294,11 @@ class Scene:
       cols = np.floor((x - bg.ulx) / bg.res_x).astype(np.int64)
       ok_r = inside_r & (rows >= 0) & (rows < h)
       ok_c = inside_c & (cols >= 0) & (cols < w)
-      plane = b.data[np.ix_(np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1))].astype(np.float32)
+      raw = b.data[np.ix_(np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1))]
+      plane = raw.astype(np.float32)
       plane[~(ok_r[:, None] & ok_c[None, :])] = np.nan
+      if b.nodata is not None:  # per window: the scene keeps its compact dtype in memory
+        plane[raw == b.nodata] = np.nan  # a NaN no-data value is NaN in the plane already
       planes.setdefault(b.release_key, []).append(plane)
       names.setdefault(b.release_key, []).append(b.band)
     return ({k: np.stack(v) for k, v in planes.items()},
@@ -340,14 +362,21 @@ def load_scene(folder: str) -> tuple[Scene, dict[str, Any]]:
       raise ValueError(f"{folder}: band {key}/{band} is given twice ({seen[key, band].name}, {path.name})")
     seen[key, band] = path
     data, georef = _read_band_file(path)
-    bands.append(Band(key, band, data, georef))
+    nodata = geotiff_nodata(str(path)) if path.suffix.lower() != ".npy" else None
+    bands.append(Band(key, band, data, georef, nodata))
     if key == "sentinel1" and not _s1_orbit_given(path.stem):
       meta["s1_orbit"] = "unknown"  # stored in the ascending slots (module docstring)
   have = {(b.release_key, b.band) for b in bands}
   if ("aster", "elevation") in have and ("aster", "slope") not in have:
     dem = next(b for b in bands if b.band == "elevation")
-    bands.append(Band("aster", "slope", slope_degrees(dem.data, dem.georef.res_x if dem.georef else GSD),
-                      dem.georef))
+    # Plain arrays get their pixel size from the size ratio to the finest band (as Scene does).
+    spacing = (dem.georef.res_x if dem.georef else
+               GSD * max(b.data.shape[1] for b in bands) / dem.data.shape[1])
+    # No-data and out-of-range heights become NaN first, so no slope is computed across them.
+    z = dem.data.astype(np.float64)
+    lo, hi = mod.ASTER.band_valid_range()[mod.ASTER.band_index("elevation")]
+    z[~((z >= lo) & (z <= hi)) | ((z == dem.nodata) if dem.nodata is not None else False)] = np.nan
+    bands.append(Band("aster", "slope", slope_degrees(z, spacing), dem.georef))
     meta["slope_from"] = "computed from the DEM (central differences, degrees)"
   return Scene(bands), meta
 

@@ -117,6 +117,7 @@ class FinetuneConfig:
   lr: float
   epochs: int
   batch_size: int
+  accum_steps: int
   weight_decay: float
   min_lr: float
   layer_decay: float
@@ -168,12 +169,17 @@ def _loss(kind, logits, y, num_classes, smoothing):
 
 def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_classes: int,
           lr: float, epochs: int, batch_size: int, cfg: FinetuneConfig, freeze_epochs: int = 0,
-          seed: int = 0) -> TaskModel:
-  """Fine-tunes `model` in place on (x, y); returns it. One jitted step, lr traced."""
+          accum_steps: int = 1, seed: int = 0) -> TaskModel:
+  """Fine-tunes `model` in place on (x, y); returns it. One jitted step, lr traced.
+
+  Each optimizer step averages the gradients of `accum_steps` micro-batches of `batch_size`
+  (the protocol's batch of 1024 as 16 x 64, the way MMEarth's `update_freq` reaches it).
+  """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   n = len(x)
-  bs = min(batch_size, n)
-  steps_per_epoch = max(1, n // bs)
+  accum_steps = max(1, min(accum_steps, n // max(1, min(batch_size, n))))
+  bs = min(batch_size, n // accum_steps)
+  steps_per_epoch = max(1, n // (bs * accum_steps))
   total = steps_per_epoch * epochs
   smoothing = 0.0 if kind == "segmentation" else cfg.label_smoothing
   tx = optax.chain(optax.scale_by_adam(),
@@ -184,12 +190,20 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
 
   @jax.jit
   def step(params, opt_state, xb, yb, key, lr_t, scale_tree):
-    def loss_fn(p):
+    def loss_fn(p, micro_x, micro_y, micro_key):
       m = nnx.merge(graphdef, p, rest)
-      logits = m(xb, deterministic=False, rngs=key)
-      return _loss(kind, logits, yb, num_classes, smoothing)
+      logits = m(micro_x, deterministic=False, rngs=micro_key)
+      return _loss(kind, logits, micro_y, num_classes, smoothing)
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    def accumulate(grad_sum, micro):  # xb, yb: (accum_steps, bs, ...)
+      micro_x, micro_y, i = micro
+      loss, grads = jax.value_and_grad(loss_fn)(params, micro_x, micro_y,
+                                                jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, (xb, yb, jnp.arange(xb.shape[0])))
+    grads, loss = jax.tree.map(lambda g: g / xb.shape[0], grad_sum), jnp.mean(losses)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u, s: p - lr_t * s * u, params, updates, scale_tree)
     return params, opt_state, loss
@@ -201,7 +215,7 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
     perm = rng.permutation(n)
     scale_tree = frozen_scales if epoch < freeze_epochs else scales
     for i in range(steps_per_epoch):
-      idx = perm[i * bs:(i + 1) * bs]
+      idx = perm[i * bs * accum_steps:(i + 1) * bs * accum_steps].reshape(accum_steps, bs)
       lr_t = float(probe.cosine_lr(lr, cfg.min_lr, t, total))
       params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
                                   jax.random.fold_in(key, t), jnp.float32(lr_t), scale_tree)
@@ -246,6 +260,6 @@ def finetune_task(encoder: convnextv2.ConvNeXtV2, train_split, test_split, *, ki
     logits = predict(model, x_te, cfg.seg_batch_size)[:, :y_te.shape[1], :y_te.shape[2]]
   else:
     train(model, x_tr, y_tr, kind=kind, num_classes=num_classes, lr=cfg.lr, epochs=cfg.epochs,
-          batch_size=cfg.batch_size, cfg=cfg, seed=seed)
+          batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, cfg=cfg, seed=seed)
     logits = predict(model, x_te, cfg.batch_size)
   return metrics.task_metric(kind, logits, y_te, num_classes)

@@ -669,8 +669,11 @@ class GeoBenchTask:
     h, w = sample.bands[present[0]].shape[:2]
     x = np.zeros((h, w, len(S2_BANDS)), np.float32)
     valid = np.zeros(len(S2_BANDS), bool)
+    # A dropped band's source file is dropped wherever it feeds: So2Sat fills B1 with a copy of
+    # the blue band, so dropping B2 must empty B1 too, or the "without B2" row still sees blue.
+    dropped_sources = {layout[S2_BANDS.index(b)] for b in drop_bands} - {None}
     for i, src in enumerate(layout):
-      if src is None or S2_BANDS[i] in drop_bands:
+      if src is None or S2_BANDS[i] in drop_bands or src in dropped_sources:
         continue
       if src not in sample.bands:
         raise GeoBenchFormatError(f"{self.sample_path(sample.name)} lacks band {src!r} that "

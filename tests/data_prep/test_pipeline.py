@@ -226,3 +226,12 @@ def test_statistics_match_numpy_on_train_records(build):
     want = np.bincount(stored, minlength=256)
     assert statistics[m.name]["counts"] == want[:m.num_classes].tolist()
     assert statistics[m.name]["nodata_count"] == int(want[mod.CLASS_NODATA])
+
+
+def test_unlocated_tiles_keep_their_split_whatever_path_reaches_them():
+  same = {pipeline.unlocated_block_id(spec, unit) for spec, unit in (
+      ("bigearthnet:data/ben", "data/ben/S2A_patch_1"),
+      ("bigearthnet:/mnt/x/data/ben", "/mnt/x/data/ben/S2A_patch_1"),
+      ("bigearthnet:./data/ben/", "./data/ben/S2A_patch_1/"))}
+  assert len(same) == 1
+  assert pipeline.unlocated_block_id("bigearthnet:data/ben", "data/ben/S2A_patch_2") not in same

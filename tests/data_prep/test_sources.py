@@ -198,13 +198,34 @@ def test_mmearth_errors(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def _geotiff(path, data, ulx, uly, res, epsg=32633):
+def _geotiff(path, data, ulx, uly, res, epsg=32633, nodata=None):
   geokeys = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, epsg)
-  tifffile.imwrite(path, data, extratags=[
-      (33550, "d", 3, (res, res, 0.0), False),
-      (33922, "d", 6, (0.0, 0.0, 0.0, ulx, uly, 0.0), False),
-      (34735, "H", len(geokeys), geokeys, False),
-  ])
+  tags = [(33550, "d", 3, (res, res, 0.0), False),
+          (33922, "d", 6, (0.0, 0.0, 0.0, ulx, uly, 0.0), False),
+          (34735, "H", len(geokeys), geokeys, False)]
+  if nodata is not None:
+    tags.append((42113, "s", 0, str(nodata), False))  # GDAL_NODATA, as GDAL writes it
+  tifffile.imwrite(path, data, extratags=tags)
+
+
+def test_geotiff_nodata_is_missing_and_no_slope_crosses_it(tmp_path):
+  scene = tmp_path / "s"
+  scene.mkdir()
+  rng = np.random.default_rng(2)
+  b02 = rng.integers(1, 5000, (128, 128)).astype(np.uint16)
+  b02[:, :8] = 65535  # this file's no-data value
+  dem = np.tile(np.arange(128, dtype=np.float32) * 2.0, (128, 1))  # 2 m per 10 m pixel: 11.3 deg
+  dem[:, 64:] = -9999.0
+  _geotiff(scene / "x_B02.tif", b02, 400000.0, 5000000.0, 10.0, nodata=65535)
+  _geotiff(scene / "x_DEM.tif", dem, 400000.0, 5000000.0, 10.0, nodata=-9999)
+  (tile,) = [i for i in _items(make_source(f"raster:{tmp_path}")) if isinstance(i, RawSample)]
+  example, _ = validate.to_example(tile)
+  _, s2_valid = mod.from_storage(mod.SENTINEL2, example["sentinel2"])
+  assert not s2_valid[:, :8, 1].any() and s2_valid[:, 8:, 1].all()
+  aster, aster_valid = mod.from_storage(mod.ASTER, example["aster"])
+  assert aster_valid[:, :64, 0].all() and not aster_valid[:, 64:, 0].any()  # elevation
+  assert aster_valid[:, :63, 1].all() and not aster_valid[:, 63:, 1].any()  # no slope across the edge
+  np.testing.assert_allclose(aster[:, 1:62, 1], np.degrees(np.arctan(0.2)), atol=0.01)
 
 
 def test_raster_folder_tiles_and_resampling(tmp_path):
@@ -239,7 +260,8 @@ def test_raster_npy_folder_padded(tmp_path):
   b2 = rng.integers(1, 3000, (120, 120)).astype(np.uint16)
   np.save(tmp_path / "p" / "B2.npy", b2)
   np.save(tmp_path / "p" / "B1.npy", rng.integers(1, 3000, (20, 20)).astype(np.uint16))
-  np.save(tmp_path / "p" / "DEM.npy", np.linspace(0, 119, 120 * 120).reshape(120, 120).astype(np.float32))
+  # A 20 m DEM (half the finest band's size) rising 2 m per pixel: slope atan(2 / 20).
+  np.save(tmp_path / "p" / "DEM.npy", np.tile(np.arange(60, dtype=np.float32) * 2.0, (60, 1)))
   np.save(tmp_path / "p" / "VV.npy", np.full((120, 120), -10.0, np.float32))
   (tile,) = _items(raster.RasterStackSource(str(tmp_path / "p"), pad=True))
   assert tile.tile_id == "p" and tile.metadata["lat"] is None and tile.metadata["s1_orbit"] == "unknown"
@@ -248,6 +270,7 @@ def test_raster_npy_folder_padded(tmp_path):
   assert s2_valid[:120, :120, 1].all() and not s2_valid[120:].any() and not s2_valid[:, 120:].any()
   aster, aster_valid = mod.from_storage(mod.ASTER, example["aster"])
   assert aster_valid[:120, :120].all() and not aster_valid[120:].any()  # slope computed from DEM
+  np.testing.assert_allclose(aster[:120, :120, 1], np.degrees(np.arctan(0.1)), atol=0.01)
   _, s1_valid = mod.from_storage(mod.SENTINEL1, example["sentinel1"])
   assert s1_valid[:120, :120, 0].all() and not s1_valid[..., 1:].any()
   assert counters["location_unknown"] == 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_prep import splits
+from data_prep.sources import raster
 
 
 def test_blocks_are_at_least_block_size_and_wrap_the_antimeridian():
@@ -65,9 +66,22 @@ def test_written_footprints_never_overlap_across_splits():
 
 def test_footprint_box_contains_the_tile():
   lat_lo, lat_hi, lon_lo, lon_hi = splits.footprint_box(60.0, 10.0)
-  assert (lat_hi - lat_lo) * splits.M_PER_DEG == pytest.approx(1280.0)
+  assert (lat_hi - lat_lo) * splits.M_PER_DEG >= 1280.0 * math.sqrt(2)
   # At 60 N one degree of longitude is half as long: the box is wider than 2 x 640 m / cos(60).
-  assert (lon_hi - lon_lo) * splits.M_PER_DEG * 0.5 >= 1280.0
+  assert (lon_hi - lon_lo) * splits.M_PER_DEG * 0.5 >= 1280.0 * math.sqrt(2)
+
+
+@pytest.mark.parametrize("northing", [1_000.0, 5_000_000.0, 6_650_000.0, 8_300_000.0])
+@pytest.mark.parametrize("easting", [500_000.0, 330_000.0, 670_000.0])  # zone centre, near its edges
+def test_footprint_box_contains_a_utm_aligned_tile(easting, northing):
+  # A 1280 m square on the UTM grid (as raster and MMEarth tiles are): its corners, turned by the
+  # grid's convergence against north, must lie in the box around its centre.
+  lat, lon = raster.utm_to_latlon(easting, northing, 33)
+  lat_lo, lat_hi, lon_lo, lon_hi = splits.footprint_box(lat, lon)
+  for dx in (-640.0, 640.0):
+    for dy in (-640.0, 640.0):
+      clat, clon = raster.utm_to_latlon(easting + dx, northing + dy, 33)
+      assert lat_lo < clat < lat_hi and lon_lo < clon < lon_hi, (lat, lon, dx, dy)
 
 
 def test_bad_configs_and_locations_raise():

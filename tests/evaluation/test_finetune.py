@@ -53,3 +53,19 @@ def test_frozen_phase_leaves_encoder_untouched(tiny_encoder):
                  batch_size=4, cfg=CFG, freeze_epochs=1)
   np.testing.assert_array_equal(enc_before, np.asarray(model.encoder.stem_conv.kernel[...]))
   assert not np.allclose(head_before, np.asarray(model.head.cls.kernel[...]))
+
+
+def test_accumulated_micro_batches_step_like_one_big_batch(tiny_encoder):
+  import dataclasses
+
+  cfg = dataclasses.replace(CFG, drop_path=0.0)  # no randomness: the two must match
+  s = _split(8, False, 3)
+  params = []
+  for batch_size, accum_steps in ((8, 1), (4, 2)):
+    model = finetune.build_task_model(tiny_encoder, "multiclass", 2, cfg)
+    finetune.train(model, s.x, s.y, kind="multiclass", num_classes=2, lr=1e-2, epochs=1,
+                   batch_size=batch_size, accum_steps=accum_steps, cfg=cfg)
+    params.append(np.asarray(model.head.fc.kernel[...]))
+  np.testing.assert_allclose(params[0], params[1], rtol=1e-4, atol=1e-6)
+  assert not np.allclose(params[0], finetune.build_task_model(tiny_encoder, "multiclass", 2, cfg)
+                         .head.fc.kernel[...])  # it did step

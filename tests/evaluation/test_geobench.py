@@ -153,6 +153,10 @@ def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path):
   s = masked.load_split("test")
   assert not s.band_valid[S2.index("B1")] and not s.band_valid[S2.index("B9")]
   assert np.all(s.x[..., S2.index("B1")] == 0)
+  # Dropping B2 empties B1 too (its copy): the "without blue" row must see no blue at all.
+  x, valid = so2.to_model_input(so2.read_sample(so2.split_names("test")[0]), drop_bands=("B2",))
+  assert not valid[S2.index("B1")] and not valid[S2.index("B2")] and valid[S2.index("B3")]
+  assert np.all(x[..., S2.index("B1")] == 0) and np.all(x[..., S2.index("B2")] == 0)
   # so2sat stats scale is an explicit option: MMEarth's 1e4 divisor changes the inputs.
   scaled = gb.GeoBenchTask(tmp_path, "m-so2sat").load_split("test")
   assert not np.allclose(scaled.x, gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1).load_split("test").x)
