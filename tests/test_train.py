@@ -12,7 +12,6 @@ import pytest
 from configs import pretrain
 from geomeld_jax import checkpointing
 from geomeld_jax import export
-from geomeld_jax import input_pipeline
 from geomeld_jax import train
 from geomeld_jax import train_step as ts
 
@@ -101,7 +100,7 @@ def test_resume_continues_bit_for_bit(full_run, demo_dataset, tmp_path, monkeypa
     assert legs[step]["grad_norm"] == reference[step]["grad_norm"], step
 
 
-def test_export_loads_and_retrieval_runs(full_run, demo_dataset):
+def test_export_loads_and_retrieval_runs(full_run):
   workdir, _ = full_run
   out = workdir / export.EXPORT_SUBDIR / str(TOTAL_STEPS)
   info = json.loads((out / "model_config.json").read_text())
@@ -111,11 +110,11 @@ def test_export_loads_and_retrieval_runs(full_run, demo_dataset):
   assert encoder(x)[0].shape == (1, 4, 4, 320)
   from geomeld_jax.evaluation import retrieval
 
-  model, _ = export.load_itc_model(out)
-  files = input_pipeline.locate_dataset(demo_dataset)
-  result = retrieval.evaluate_retrieval(model, files, "val", crop_size=32, text_len=32,
-                                        drop_bands=[["B2", "B3", "B4"]])
-  assert set(result) == {"all_bands", "drop_B2+B3+B4"}
+  # The retrieval command's path: the run's export, dataset, crop and caption length.
+  result = retrieval.evaluate_run(workdir, split="val", drop_bands=[["B2", "B3", "B4"]])
+  assert result["step"] == TOTAL_STEPS
+  assert json.loads((out / "retrieval_val.json").read_text()) == result
+  assert set(result) == {"workdir", "step", "split", "all_bands", "drop_B2+B3+B4"}
   recalls = result["all_bands"]
   assert recalls["num_images"] > 0 and recalls["num_captions"] >= recalls["num_images"]
   for name, value in recalls.items():

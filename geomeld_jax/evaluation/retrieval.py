@@ -8,11 +8,21 @@ final map over all cells, then ``GeoMeldFM.embed_image``.
 Cross-modal robustness: the same metrics with Sentinel-2 bands dropped at test time (made
 invalid, so the encoder sees zeros there, exactly how a missing band looks in training), and
 a linear probe trained on all bands scored on test features with bands dropped.
+
+The paper's R@K table for a pretraining run (its export and its dataset, as the run's
+config.json names them):
+
+  python -m geomeld_jax.evaluation.retrieval --workdir=runs/atto_full --split=test \
+      --drop_bands=B2+B3+B4
+
+prints one JSON line and writes it to <workdir>/export/<step>/retrieval_<split>.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Sequence
 
 import jax
@@ -192,3 +202,54 @@ def retrieval_examples(model, files, split: str, *, crop_size: int, text_len: in
                 "captions": [data.captions[i][0] for i in top], "x": data.x[top],
                 "valid": data.valid[top]})
   return out
+
+
+def evaluate_run(workdir: str | pathlib.Path, *, step: int | None = None, split: str = "test",
+                 drop_bands: Sequence[Sequence[str]] = (), max_images: int | None = None
+                 ) -> dict[str, Any]:
+  """Retrieval of a run's export (default: the newest) on `split` of the run's own dataset,
+  at the run's crop size and caption length; written next to the export as JSON."""
+  from geomeld_jax import export  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir)
+  exports = sorted(int(p.name) for p in (workdir / export.EXPORT_SUBDIR).glob("*")
+                   if p.name.isdigit())
+  if not exports:
+    raise FileNotFoundError(f"no export in {workdir / export.EXPORT_SUBDIR}: run "
+                            f"python -m geomeld_jax.export --workdir={workdir} first")
+  step = exports[-1] if step is None else step
+  if step not in exports:
+    raise ValueError(f"no export of step {step} in {workdir}; exported steps: {exports}")
+  export_dir = workdir / export.EXPORT_SUBDIR / str(step)
+  run_cfg = json.loads((workdir / "config.json").read_text())["input"]
+  model, _ = export.load_itc_model(export_dir)
+  files = input_pipeline.locate_dataset(run_cfg["data_dir"])
+  recalls = evaluate_retrieval(model, files, split, crop_size=int(run_cfg["crop_size"]),
+                               text_len=int(run_cfg["text_len"]), drop_bands=drop_bands,
+                               max_images=max_images)
+  result = {"workdir": str(workdir), "step": step, "split": split, **recalls}
+  (export_dir / f"retrieval_{split}.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  f = flags.FLAGS
+  drop = [group.split("+") for group in f.drop_bands]
+  print(json.dumps(evaluate_run(f.workdir, step=f.step, split=f.split, drop_bands=drop,
+                                max_images=f.max_images)))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("workdir", None, "A pretraining run directory with an ITC export.")
+  flags.DEFINE_integer("step", None, "Exported step (default: the newest).")
+  flags.DEFINE_string("split", "test", "Captioned split of the run's dataset.")
+  flags.DEFINE_list("drop_bands", [], "Band groups dropped at test time, e.g. B2+B3+B4,B8.")
+  flags.DEFINE_integer("max_images", None, "Use at most this many images (default: all).")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
