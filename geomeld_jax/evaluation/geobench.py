@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import io
 import json
+import logging
 import pathlib
 import pickle
 import re
@@ -566,6 +567,7 @@ class GeoBenchTask:
                (fill_missing == "task" and bool(self.info.duplicate_missing)))
     self.duplicates = dict(self.info.duplicate_missing or (("B1", "B2"), ("B9", "B8A"))) if use_dup else {}
     self.stats_divisor = self.info.stats_divisor if stats_divisor is None else float(stats_divisor)
+    self._scale_checked = False
     self._fixes = dict(self.info.band_name_fixes)
     self._layout = None  # (source name per S2 band or None), resolved on the first sample
 
@@ -700,8 +702,30 @@ class GeoBenchTask:
       yield Split(np.stack(xs), np.asarray(np.stack(ys) if self.info.kind != "multiclass"
                                            else ys, np.int32), valid, chunk)
 
+  def stats_scale_ratio(self, num_samples: int = 8) -> float:
+    """Median over Sentinel-2 bands of (data mean / band_stats mean after the divisor) on a few
+    train samples: ~1 when band_stats and the data share units (geobench.md §3 asks for this
+    check because m-so2sat's band_stats may already be in reflectance units)."""
+    ratios = []
+    names = self.split_names("train")[:num_samples]
+    for src in sorted({n for n in self.layout if n is not None}):
+      stats_mean = self._stats(src)[0]
+      data_mean = float(np.mean([np.nanmean(self.read_sample(n).bands[src]) for n in names]))
+      if abs(stats_mean) > 0 and np.isfinite(data_mean):
+        ratios.append(data_mean / stats_mean)
+    return float(np.median(ratios)) if ratios else 1.0
+
   def load_split(self, split: str, *, max_samples: int | None = None,
                  drop_bands: Sequence[str] = ()) -> Split:
+    if split == "train" and not self._scale_checked:
+      self._scale_checked = True
+      ratio = self.stats_scale_ratio()
+      if not 0.1 <= ratio <= 10.0:  # an order of magnitude: the check is for a 1e4 slip
+        logging.warning(
+            "%s: the data's Sentinel-2 means are %.3g x band_stats' (divided by %g): the inputs "
+            "are not z-scored. If band_stats is in the data's units, pass a divisor of 1 "
+            "(config.so2sat_stats_divisor for m-so2sat); MMEarth's protocol divides by 1e4.",
+            self.info.name, ratio, self.stats_divisor)
     parts = list(self.iter_batches(split, 256, max_samples=max_samples, drop_bands=drop_bands))
     if not parts:
       raise GeoBenchFormatError(f"{self.dir}: split {split!r} of partition {self.partition!r} is empty")

@@ -3,6 +3,7 @@
 import ast
 import datetime
 import json
+import logging
 import pickle
 
 import h5py
@@ -124,7 +125,7 @@ def test_malicious_pickle_is_rejected_naming_file_and_class(tmp_path):
     gb.decode_pickle_attr(str(builtins_eval), "g.hdf5")
 
 
-def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path):
+def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path, caplog):
   labs = [np.eye(43, dtype=np.int64)[i] for i in (0, 1, 2, 3)]
   d = _write_task(tmp_path, "m-bigearthnet", _bigearthnet_sample, labs)
   (d / "label_stats.json").write_text(json.dumps({f"id_{i:04d}": l.tolist() for i, l in enumerate(labs)}))
@@ -157,6 +158,14 @@ def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path):
   x, valid = so2.to_model_input(so2.read_sample(so2.split_names("test")[0]), drop_bands=("B2",))
   assert not valid[S2.index("B1")] and not valid[S2.index("B2")] and valid[S2.index("B3")]
   assert np.all(x[..., S2.index("B1")] == 0) and np.all(x[..., S2.index("B2")] == 0)
+  # The stats-scale check: fixture band_stats (mean 100) are x1e4 the data (0.01..0.1), as
+  # MMEarth assumes; with a divisor of 1 the check says the inputs are not z-scored.
+  assert 0.1 <= gb.GeoBenchTask(tmp_path, "m-so2sat").stats_scale_ratio() <= 10
+  unscaled = gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1.0)
+  assert unscaled.stats_scale_ratio() < 1e-3
+  with caplog.at_level(logging.WARNING):
+    unscaled.load_split("train")
+  assert "not z-scored" in caplog.text
   # so2sat stats scale is an explicit option: MMEarth's 1e4 divisor changes the inputs.
   scaled = gb.GeoBenchTask(tmp_path, "m-so2sat").load_split("test")
   assert not np.allclose(scaled.x, gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1).load_split("test").x)
