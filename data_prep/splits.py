@@ -22,13 +22,14 @@ If the footprint touches any block whose split differs from the split of the blo
 the tile's centre, the tile is written to no split and is dead-lettered as
 ``spatial_buffer``. Every written tile thus lies entirely inside blocks of its own split,
 and blocks are disjoint, so two written tiles of different splits can never overlap: nothing
-leaks, at the cost of a margin of at most one footprint half-width (640 m) along boundaries
-between blocks of different splits (about 5% of train and up to ~20% of a val/test block
-with 10 km blocks; larger blocks shrink the loss). Counts still reconcile because the
-dropped tiles are rejections, not silent drops.
+leaks, at the cost of a margin of at most the footprint's half-diagonal plus 1% (914 m)
+along boundaries between blocks of different splits (about 7% of train and up to ~30% of a
+val/test block with 10 km blocks; larger blocks shrink the loss). Counts still reconcile
+because the dropped tiles are rejections, not silent drops.
 
-The footprint is bounded conservatively in degrees: the longitude half-width uses ``cos`` of
-the footprint's most poleward latitude, so the box always contains the true square.
+The footprint is bounded conservatively in degrees: the box holds the circle around the
+square (a UTM-aligned tile is turned against north by up to ~3.5 degrees near a zone edge),
+and the longitude half-width uses ``cos`` of the box's most poleward latitude.
 """
 
 from __future__ import annotations
