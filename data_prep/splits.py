@@ -23,8 +23,9 @@ the tile's centre, the tile is written to no split and is dead-lettered as
 ``spatial_buffer``. Every written tile thus lies entirely inside blocks of its own split,
 and blocks are disjoint, so two written tiles of different splits can never overlap: nothing
 leaks, at the cost of a margin of at most the footprint's half-diagonal plus 1% (914 m)
-along boundaries between blocks of different splits (about 7% of train and up to ~30% of a
-val/test block with 10 km blocks; larger blocks shrink the loss). Counts still reconcile
+along boundaries between blocks of different splits (with 10 km blocks, an estimate scaled
+from the 640 m margin's 5% / 20%: about 7% of train and up to ~30% of a val/test block;
+larger blocks shrink the loss). Counts still reconcile
 because the dropped tiles are rejections, not silent drops.
 
 The footprint is bounded conservatively in degrees: the box holds the circle around the
