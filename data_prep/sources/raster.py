@@ -422,7 +422,7 @@ class RasterStackSource:
     if meta_file.is_file():
       meta.update(json.loads(meta_file.read_text()))
     meta.update(scene_meta)
-    prefix = self.tile_prefix or pathlib.Path(unit).name
+    prefix = self.tile_prefix or unit_prefix(self.pattern, unit)
     yield from tiles_from_scene(scene, meta, prefix, f"{self.scheme}:{unit}", self.pad)
 
 
@@ -456,6 +456,25 @@ def tiles_from_scene(scene: Scene, meta: dict[str, Any], prefix: str, source: st
   for strip in partial:
     yield Rejection(source=source, tile_id="", reason="partial_edge_tile",
                     detail=f"not a full {TILE}x{TILE} tile: {strip}")
+
+
+def unit_prefix(pattern: str, unit: str) -> str:
+  """A scene folder's tile-id prefix: its path below the pattern's fixed part, '_'-joined.
+
+  `/data/2020/T18SUJ` and `/data/2021/T18SUJ` under `/data` give `2020_T18SUJ` and
+  `2021_T18SUJ`: scenes with the same folder name in different places keep distinct tile ids
+  instead of colliding as duplicates. The pattern's own folder gives its name.
+  """
+  fixed = []
+  for part in pathlib.Path(pattern).parts:
+    if glob.has_magic(part):
+      break
+    fixed.append(part)
+  try:
+    parts = pathlib.Path(unit).relative_to(pathlib.Path(*fixed) if fixed else ".").parts
+  except ValueError:
+    parts = ()
+  return "_".join(parts) or pathlib.Path(unit).name
 
 
 def _expand_dirs(pattern: str) -> list[str]:

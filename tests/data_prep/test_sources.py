@@ -254,6 +254,17 @@ def test_raster_folder_tiles_and_resampling(tmp_path):
   assert example["date"] == "2020-05-01" and counters["sentinel2_bands_missing"] == 10
 
 
+def test_scenes_with_one_folder_name_in_two_places_keep_distinct_tile_ids(tmp_path):
+  rng = np.random.default_rng(3)
+  for year in ("2020", "2021"):
+    scene = tmp_path / year / "T18SUJ"
+    scene.mkdir(parents=True)
+    _geotiff(scene / "x_B02.tif", rng.integers(1, 5000, (128, 128)).astype(np.uint16),
+             400000.0, 5000000.0, 10.0)
+  tiles = [i for i in _items(make_source(f"raster:{tmp_path}/*")) if isinstance(i, RawSample)]
+  assert sorted(t.tile_id for t in tiles) == ["2020_T18SUJ", "2021_T18SUJ"]  # one tile: no r/c suffix
+
+
 def test_raster_npy_folder_padded(tmp_path):
   rng = np.random.default_rng(1)
   (tmp_path / "p").mkdir()
