@@ -110,6 +110,8 @@ def setup(config, mesh: Mesh, normalizer: records.Normalizer) -> TrainSetup:
     rng = jax.random.fold_in(jax.random.key(seed + 1), index)
     ema = state["ema_params"] if mcfg.jepa else None
     _, metrics = geomeld.loss_fn(state["params"], ema, model_def, batch, rng, deterministic=True)
+    if mcfg.itc and mcfg.vision_embedding == "visible":
+      metrics.update(geomeld.unmasked_itc_metrics(state["params"], model_def, batch))
     return metrics
 
   jit_train = jax.jit(train_step, in_shardings=(shardings, batch_sh),

@@ -56,6 +56,12 @@ def test_smoke_run_logs_every_step_and_loss_falls(full_run):
     assert f"loss/{term}" in history[1]
   assert (workdir / "config.json").is_file() and (workdir / "run_info.json").is_file()
   assert list((workdir / "tensorboard").iterdir())
+  from geomeld_jax.evaluation import report
+
+  scalars = report.read_scalars(workdir / "tensorboard")
+  # Held-out ITC top-1 with the training view (visible cells) and with the whole image.
+  assert {"eval/itc/i2t_top1", "eval/itc/i2t_top1_unmasked"} <= set(scalars)
+  assert [s for s, _ in scalars["eval/itc/i2t_top1_unmasked"]] == [STOP_AT, TOTAL_STEPS]
 
 
 def _sigterm_after(monkeypatch, num_steps: int) -> None:

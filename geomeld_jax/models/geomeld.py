@@ -332,6 +332,33 @@ def jepa_masks(cfg: GeoMeldFMConfig, key: jax.Array, batch: int, grid_h: int,
   return masks, capacity
 
 
+def _embed_whole_image(model: GeoMeldFM, x: jax.Array, **enc_kw: Any) -> jax.Array:
+  """Joint embedding of the unmasked image: mean of the encoder's final map over all cells."""
+  feats, _ = model.encoder(x, None, **enc_kw)
+  return model.embed_image(jnp.mean(feats.astype(jnp.float32), axis=(1, 2)))
+
+
+def i2t_top1(img: jax.Array, txt: jax.Array, has_caption: jax.Array) -> jax.Array:
+  """Share of captioned images whose most similar caption in the batch is their own."""
+  captioned_cols = losses.gather_batch(has_caption)[None, :]
+  sim = jnp.where(captioned_cols, losses.similarity(img, txt), -jnp.inf)
+  hit = (jnp.argmax(sim, axis=1) == jnp.arange(img.shape[0])) & has_caption
+  return (jnp.sum(hit.astype(jnp.float32))
+          / jnp.maximum(jnp.sum(has_caption.astype(jnp.float32)), 1.0))
+
+
+def unmasked_itc_metrics(params: nnx.State, model_def: ModelDef,
+                         batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """`itc/i2t_top1_unmasked`: in-batch image->text top-1 with the whole image embedded, as
+  retrieval embeds it. With `vision_embedding='visible'` training pools the MAE pass's visible
+  cells only, so this (eval-only) number shows what that view costs at test time."""
+  model = merge(model_def, params)
+  x = jnp.where(batch[f"{mod.INPUT_MODALITY}_valid"], batch[mod.INPUT_MODALITY], 0.0)
+  img = _embed_whole_image(model, x.astype(model_def.config.dtype), deterministic=True)
+  txt = model.embed_text(batch["text_tokens"])
+  return {"itc/i2t_top1_unmasked": i2t_top1(img, txt, batch["has_caption"])}
+
+
 def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef,
             batch: Mapping[str, jax.Array], rng: jax.Array, *,
             deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -409,11 +436,10 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
       f32 = feats.astype(jnp.float32)
       pooled = (jnp.sum(jnp.where(visible, f32, 0.0), axis=(1, 2))
                 / jnp.maximum(jnp.sum(visible, axis=(1, 2)), 1).astype(jnp.float32))
+      img = model.embed_image(pooled)
     else:
       with jax.named_scope("itc_encoder"):
-        full, _ = model.encoder(x, None, **enc_kw)
-      pooled = jnp.mean(full.astype(jnp.float32), axis=(1, 2))
-    img = model.embed_image(pooled)
+        img = _embed_whole_image(model, x, **enc_kw)
     with jax.named_scope("itc_text_tower"):
       txt = model.embed_text(batch["text_tokens"])
     has_caption = batch["has_caption"]
@@ -424,11 +450,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
       terms["itc"] = losses.siglip_loss(img, txt, logit_scale, model.logit_bias[...], has_caption)
       metrics["logit_bias"] = model.logit_bias[...]
     metrics["logit_scale"] = logit_scale
-    captioned_cols = losses.gather_batch(has_caption)[None, :]
-    sim = jnp.where(captioned_cols, losses.similarity(img, txt), -jnp.inf)
-    hit = (jnp.argmax(sim, axis=1) == jnp.arange(b)) & has_caption
-    metrics["itc/i2t_top1"] = (jnp.sum(hit.astype(jnp.float32))
-                               / jnp.maximum(jnp.sum(has_caption.astype(jnp.float32)), 1.0))
+    metrics["itc/i2t_top1"] = i2t_top1(img, txt, has_caption)
 
   total, weights = losses.combine_losses(
       terms, mode=cfg.loss_weighting, fixed_weights=dict(cfg.fixed_weights),

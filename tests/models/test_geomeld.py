@@ -307,3 +307,15 @@ def test_decoder_heads_follow_the_registry(shared):
   assert out["month"].shape == (2, mod.image_target("month").dims)
   assert out["terrain_class"].shape == (2, len(mod.TERRAIN_CLASSES))
   assert all(v.dtype == jnp.float32 for v in out.values())
+
+
+def test_unmasked_eval_metric_equals_the_unmasked_training_view(batch):
+  # The eval-only metric embeds the whole image; a model trained with
+  # vision_embedding='unmasked' scores its in-batch top-1 the same way inside loss_fn.
+  config = _config("mp_mae_itc", vision_embedding="unmasked")
+  model_def, params = geomeld.init(config, jax.random.key(3))
+  _, metrics = jax.jit(lambda p: geomeld.loss_fn(p, None, model_def, batch, jax.random.key(4),
+                                                 deterministic=True))(params)
+  unmasked = jax.jit(lambda p: geomeld.unmasked_itc_metrics(p, model_def, batch))(params)
+  assert float(unmasked["itc/i2t_top1_unmasked"]) == float(metrics["itc/i2t_top1"])
+  assert 0.0 <= float(metrics["itc/i2t_top1"]) <= 1.0
