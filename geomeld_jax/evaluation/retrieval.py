@@ -35,6 +35,7 @@ from geomeld_jax import modalities as mod
 from geomeld_jax import records
 from geomeld_jax.evaluation import metrics
 from geomeld_jax.evaluation import probe
+from geomeld_jax.models import geomeld
 
 
 @dataclasses.dataclass
@@ -121,9 +122,8 @@ def image_embeddings(model, x: np.ndarray, valid: np.ndarray, batch_size: int) -
 
   @jax.jit
   def fn(state, x, valid):
-    m = nnx.merge(graphdef, state)
-    feats, _ = m.encoder(jnp.where(valid, x, 0.0), deterministic=True)
-    return m.embed_image(jnp.mean(feats.astype(jnp.float32), axis=(1, 2)))
+    return geomeld.embed_whole_image(nnx.merge(graphdef, state), jnp.where(valid, x, 0.0),
+                                     deterministic=True)
 
   return _batched(lambda a, b: fn(state, a, b), [x, valid], batch_size)
 

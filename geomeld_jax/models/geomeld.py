@@ -332,7 +332,7 @@ def jepa_masks(cfg: GeoMeldFMConfig, key: jax.Array, batch: int, grid_h: int,
   return masks, capacity
 
 
-def _embed_whole_image(model: GeoMeldFM, x: jax.Array, **enc_kw: Any) -> jax.Array:
+def embed_whole_image(model: GeoMeldFM, x: jax.Array, **enc_kw: Any) -> jax.Array:
   """Joint embedding of the unmasked image: mean of the encoder's final map over all cells."""
   feats, _ = model.encoder(x, None, **enc_kw)
   return model.embed_image(jnp.mean(feats.astype(jnp.float32), axis=(1, 2)))
@@ -354,7 +354,7 @@ def unmasked_itc_metrics(params: nnx.State, model_def: ModelDef,
   cells only, so this (eval-only) number shows what that view costs at test time."""
   model = merge(model_def, params)
   x = jnp.where(batch[f"{mod.INPUT_MODALITY}_valid"], batch[mod.INPUT_MODALITY], 0.0)
-  img = _embed_whole_image(model, x.astype(model_def.config.dtype), deterministic=True)
+  img = embed_whole_image(model, x.astype(model_def.config.dtype), deterministic=True)
   txt = model.embed_text(batch["text_tokens"])
   return {"itc/i2t_top1_unmasked": i2t_top1(img, txt, batch["has_caption"])}
 
@@ -439,7 +439,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
       img = model.embed_image(pooled)
     else:
       with jax.named_scope("itc_encoder"):
-        img = _embed_whole_image(model, x, **enc_kw)
+        img = embed_whole_image(model, x, **enc_kw)
     with jax.named_scope("itc_text_tower"):
       txt = model.embed_text(batch["text_tokens"])
     has_caption = batch["has_caption"]
