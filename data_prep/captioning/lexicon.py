@@ -229,6 +229,8 @@ _CORNER_RE = re.compile(r"\b(top|upper|bottom|lower)([- ])(left|right)\b", re.I)
 _SIDE_RE = re.compile(r"\b(the )(left|right|top|bottom|upper|lower)( (?:part|side|half|edge|corner))\b",
                       re.I)
 _SIDE_BEARING = {"top": 0, "upper": 0, "right": 90, "bottom": 180, "lower": 180, "left": 270}
+_VERTICAL_PAIR = {"top": ("top", "bottom"), "bottom": ("top", "bottom"),
+                  "upper": ("upper", "lower"), "lower": ("upper", "lower")}
 
 
 def transform_bearing(bearing_deg: float, *, flip_lr: bool, flip_ud: bool, rot90: int) -> float:
@@ -268,16 +270,15 @@ def reorient_caption(text: str, *, flip_lr: bool, flip_ud: bool, rot90: int) -> 
     if vertical.lower() in ("bottom", "lower"):
       bearing = 180.0 - bearing
     new = transform_bearing(bearing, flip_lr=flip_lr, flip_ud=flip_ud, rot90=rot90)
-    up = {"top": "bottom", "upper": "lower", "bottom": "top", "lower": "upper"}
-    new_vertical = vertical.lower() if (new < 90 or new > 270) == (vertical.lower() in ("top", "upper")) \
-        else up[vertical.lower()]
+    pair = _VERTICAL_PAIR[vertical.lower()]  # keep the caption's own words: top/bottom, upper/lower
+    new_vertical = pair[0] if (new < 90 or new > 270) else pair[1]
     return _same_case(new_vertical, vertical) + sep + ("right" if new < 180 else "left")
 
   def side(m: re.Match) -> str:
     word = m.group(2).lower()
     new = transform_bearing(_SIDE_BEARING[word], flip_lr=flip_lr, flip_ud=flip_ud, rot90=rot90)
-    vertical = ("upper", "lower") if word in ("upper", "lower") else ("top", "bottom")
-    new_word = {0.0: vertical[0], 90.0: "right", 180.0: vertical[1], 270.0: "left"}[new]
+    pair = _VERTICAL_PAIR.get(word, ("top", "bottom"))
+    new_word = {0.0: pair[0], 90.0: "right", 180.0: pair[1], 270.0: "left"}[new]
     return m.group(1) + _same_case(new_word, m.group(2)) + m.group(3)
 
   for pattern, rewrite in ((_FACING_RE, facing), (_IN_THE_RE, in_the), (_CORNER_RE, corner),

@@ -184,23 +184,9 @@ class Band:
 GDAL_NODATA_TAG = 42113  # ASCII, e.g. "-9999" or "nan"
 
 
-def geotiff_nodata(path: str) -> float | None:
-  """The GDAL no-data value of a GeoTIFF (tag 42113), or None when it declares none."""
-  with tifffile.TiffFile(path) as tif:
-    tag = tif.pages[0].tags.get(GDAL_NODATA_TAG)
-  if tag is None:
-    return None
-  try:
-    return float(str(tag.value).strip().rstrip("\x00"))
-  except ValueError:
-    raise ValueError(f"{path}: unreadable GDAL no-data tag {tag.value!r}") from None
-
-
-def read_geotiff(path: str) -> tuple[np.ndarray, GeoRef | None]:
-  """One-band GeoTIFF -> (array (h, w), georeference or None when the tags are absent).
-
-  The array is as stored: `geotiff_nodata` gives the value that marks missing pixels.
-  """
+def read_geotiff(path: str) -> tuple[np.ndarray, GeoRef | None, float | None]:
+  """One-band GeoTIFF -> (array (h, w) as stored, georeference or None when the tags are
+  absent, the GDAL no-data value or None when it declares none)."""
   with tifffile.TiffFile(path) as tif:
     page = tif.pages[0]
     data = page.asarray()
@@ -210,15 +196,21 @@ def read_geotiff(path: str) -> tuple[np.ndarray, GeoRef | None]:
     data = data[..., 0]
   if data.ndim != 2:
     raise ValueError(f"{path}: expected a one-band raster, got shape {data.shape}")
+  nodata = None
+  if GDAL_NODATA_TAG in tags:
+    try:
+      nodata = float(str(tags[GDAL_NODATA_TAG]).strip().rstrip("\x00"))
+    except ValueError:
+      raise ValueError(f"{path}: unreadable GDAL no-data tag {tags[GDAL_NODATA_TAG]!r}") from None
   scale, tie = tags.get(33550), tags.get(33922)
   if not scale or not tie:
-    return data, None
+    return data, None, nodata
   epsg = keys.get("ProjectedCSTypeGeoKey") or keys.get("GeographicTypeGeoKey")
   epsg = int(epsg) if epsg is not None else None
   # Tiepoint (i, j, k, x, y, z): raster (i, j) sits at map (x, y); PixelIsArea (the default).
   ulx = float(tie[3]) - float(tie[0]) * float(scale[0])
   uly = float(tie[4]) + float(tie[1]) * float(scale[1])
-  return data, GeoRef(ulx, uly, float(scale[0]), float(scale[1]), epsg)
+  return data, GeoRef(ulx, uly, float(scale[0]), float(scale[1]), epsg), nodata
 
 
 _S2_RE = re.compile(r"(?:^|[_\-.\s])B(8A|\d{1,2})$", re.IGNORECASE)
@@ -332,14 +324,14 @@ def tile_windows(height: int, width: int, pad: bool) -> tuple[list[tuple[int, in
   return windows, partial
 
 
-def _read_band_file(path: pathlib.Path) -> tuple[np.ndarray, GeoRef | None]:
+def _read_band_file(path: pathlib.Path) -> tuple[np.ndarray, GeoRef | None, float | None]:
   if path.suffix.lower() == ".npy":
     data = np.load(path, allow_pickle=False)
     if data.ndim == 3 and data.shape[-1] == 1:
       data = data[..., 0]
     if data.ndim != 2:
       raise ValueError(f"{path}: expected a one-band (h, w) array, got {data.shape}")
-    return data, None
+    return data, None, None
   return read_geotiff(str(path))
 
 
@@ -361,9 +353,7 @@ def load_scene(folder: str) -> tuple[Scene, dict[str, Any]]:
     if (key, band) in seen:
       raise ValueError(f"{folder}: band {key}/{band} is given twice ({seen[key, band].name}, {path.name})")
     seen[key, band] = path
-    data, georef = _read_band_file(path)
-    nodata = geotiff_nodata(str(path)) if path.suffix.lower() != ".npy" else None
-    bands.append(Band(key, band, data, georef, nodata))
+    bands.append(Band(key, band, *_read_band_file(path)))
     if key == "sentinel1" and not _s1_orbit_given(path.stem):
       meta["s1_orbit"] = "unknown"  # stored in the ascending slots (module docstring)
   have = {(b.release_key, b.band) for b in bands}
@@ -654,8 +644,8 @@ class BigEarthNetSource:
       meta["s1_scene_source"] = s1_info.get("scene_source", "")
       slot = "desc" if orbit == "descending" else "asc"
       for pol in ("VV", "VH"):
-        data, georef = read_geotiff(str(next(s1_dir.glob(f"*_{pol}.tif"))))
-        bands.append(Band("sentinel1", f"{pol}_{slot}", data, georef))
+        bands.append(Band("sentinel1", f"{pol}_{slot}",
+                          *read_geotiff(str(next(s1_dir.glob(f"*_{pol}.tif"))))))
     yield from tiles_from_scene(Scene(bands), meta, f"bigearthnet_{name}", source, pad=True)
 
   def _read_npz(self, path: pathlib.Path) -> Iterator[SourceItem]:

@@ -177,8 +177,9 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   n = len(x)
-  accum_steps = max(1, min(accum_steps, n // max(1, min(batch_size, n))))
-  bs = min(batch_size, n // accum_steps)
+  bs = min(batch_size, n)
+  accum_steps = max(1, min(accum_steps, n // bs))  # a small split: fewer micro-batches
+  bs = min(bs, n // accum_steps)
   steps_per_epoch = max(1, n // (bs * accum_steps))
   total = steps_per_epoch * epochs
   smoothing = 0.0 if kind == "segmentation" else cfg.label_smoothing

@@ -322,7 +322,7 @@ def write_report(workdir: str | pathlib.Path, *, split: str = "val", num_tiles: 
   # The pipeline ships stored arrays; model_inputs normalises them (numpy, on the host).
   batch = records.model_inputs(next(iter(ds)), input_pipeline.normalizer(files))
   model = geomeld.merge(model_def, params)
-  x = jnp.where(batch[f"{mod.INPUT_MODALITY}_valid"], batch[mod.INPUT_MODALITY], 0.0)
+  x = geomeld.input_image(batch, jnp.float32)
   b, h, w, _ = x.shape
   gh, gw = model.encoder.grid_shape(h, w)
   k_mask, k_jepa = jax.random.split(jax.random.key(seed))

@@ -332,6 +332,13 @@ def jepa_masks(cfg: GeoMeldFMConfig, key: jax.Array, batch: int, grid_h: int,
   return masks, capacity
 
 
+def input_image(batch: Mapping[str, jax.Array], dtype: Any) -> jax.Array:
+  """The encoder's input from the batch contract: Sentinel-2 with 0 at invalid pixels
+  (`where`, not a multiply: NaN in a no-data input band must not reach the loss)."""
+  valid = batch[f"{mod.INPUT_MODALITY}_valid"]
+  return jnp.where(valid, batch[mod.INPUT_MODALITY], 0.0).astype(dtype)
+
+
 def embed_whole_image(model: GeoMeldFM, x: jax.Array, **enc_kw: Any) -> jax.Array:
   """Joint embedding of the unmasked image: mean of the encoder's final map over all cells."""
   feats, _ = model.encoder(x, None, **enc_kw)
@@ -353,8 +360,7 @@ def unmasked_itc_metrics(params: nnx.State, model_def: ModelDef,
   retrieval embeds it. With `vision_embedding='visible'` training pools the MAE pass's visible
   cells only, so this (eval-only) number shows what that view costs at test time."""
   model = merge(model_def, params)
-  x = jnp.where(batch[f"{mod.INPUT_MODALITY}_valid"], batch[mod.INPUT_MODALITY], 0.0)
-  img = embed_whole_image(model, x.astype(model_def.config.dtype), deterministic=True)
+  img = embed_whole_image(model, input_image(batch, model_def.config.dtype), deterministic=True)
   txt = model.embed_text(batch["text_tokens"])
   return {"itc/i2t_top1_unmasked": i2t_top1(img, txt, batch["has_caption"])}
 
@@ -385,9 +391,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   drop_rngs = None if deterministic else nnx.Rngs(dropout=k_drop)
   enc_kw = dict(deterministic=deterministic, rngs=drop_rngs)
 
-  # `where`, not a multiply: NaN in a no-data input band must not reach the loss.
-  x = jnp.where(batch[f"{mod.INPUT_MODALITY}_valid"], batch[mod.INPUT_MODALITY], 0.0)
-  x = x.astype(cfg.dtype)
+  x = input_image(batch, cfg.dtype)
   b, h, w, _ = x.shape
   grid_h, grid_w = model.encoder.grid_shape(h, w)
   stride = model.encoder.stride
