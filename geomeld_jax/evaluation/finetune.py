@@ -6,7 +6,9 @@ blocks of three, stage 4 and last downsampler 12, head 13), drop path 0.1, cosin
 min_lr, label smoothing 0.2 (smoothed CE; BCE with targets 1-s / s for multi-label), no
 augmentation. Segmentation: a U-Net decoder (nearest x2 upsampling, 3x3 conv + LN + GELU,
 skips from every encoder stage), plain CE with every class, the encoder frozen for the first
-``seg_freeze_epochs`` epochs and trained afterwards.
+``seg_freeze_epochs`` epochs and trained afterwards. As with torch's ``requires_grad=False``,
+a frozen encoder's AdamW state stays untouched: its moments and step count start when it
+unfreezes (``optax.transforms.conditionally_mask``).
 """
 
 from __future__ import annotations
@@ -146,15 +148,16 @@ def build_task_model(encoder: convnextv2.ConvNeXtV2, kind: str, num_classes: int
   return TaskModel(enc, head)
 
 
-def lr_scales(params: nnx.State, layer_decay: float, *, freeze_encoder: bool = False) -> Any:
-  """Per-parameter lr multiplier: layer_decay ** (13 - layer id); 0 for a frozen encoder."""
+def _top_key(path) -> str:
+  return getattr(path[0], "key", path[0])
+
+
+def lr_scales(params: nnx.State, layer_decay: float) -> Any:
+  """Per-parameter lr multiplier: layer_decay ** (13 - layer id) in the encoder, 1 in the head."""
 
   def scale(path, leaf):
-    top = getattr(path[0], "key", path[0])
-    if top != "encoder":
+    if _top_key(path) != "encoder":
       return jnp.ones((), jnp.float32)
-    if freeze_encoder:
-      return jnp.zeros((), jnp.float32)
     return jnp.asarray(layer_decay ** (NUM_LAYERS + 1 - encoder_layer_id(path[1:])), jnp.float32)
 
   return jax.tree_util.tree_map_with_path(scale, params)
@@ -183,14 +186,17 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
   steps_per_epoch = max(1, n // (bs * accum_steps))
   total = steps_per_epoch * epochs
   smoothing = 0.0 if kind == "segmentation" else cfg.label_smoothing
-  tx = optax.chain(optax.scale_by_adam(),
-                   optax.add_decayed_weights(cfg.weight_decay, probe._decay_mask(params)))  # pylint: disable=protected-access
+  adamw = optax.chain(optax.scale_by_adam(),
+                      optax.add_decayed_weights(cfg.weight_decay, probe._decay_mask(params)))  # pylint: disable=protected-access
+  freeze_steps = freeze_epochs * steps_per_epoch
+  encoder_tx = optax.transforms.conditionally_mask(adamw, lambda count: count >= freeze_steps)
+  tx = optax.multi_transform({"encoder": encoder_tx, "head": adamw},
+                             jax.tree_util.tree_map_with_path(lambda p, _: _top_key(p), params))
   opt_state = tx.init(params)
-  frozen_scales = lr_scales(params, cfg.layer_decay, freeze_encoder=True)
   scales = lr_scales(params, cfg.layer_decay)
 
   @jax.jit
-  def step(params, opt_state, xb, yb, key, lr_t, scale_tree):
+  def step(params, opt_state, xb, yb, key, lr_t):
     def loss_fn(p, micro_x, micro_y, micro_key):
       m = nnx.merge(graphdef, p, rest)
       logits = m(micro_x, deterministic=False, rngs=micro_key)
@@ -206,20 +212,19 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
     grad_sum, losses = jax.lax.scan(accumulate, zeros, (xb, yb, jnp.arange(xb.shape[0])))
     grads, loss = jax.tree.map(lambda g: g / xb.shape[0], grad_sum), jnp.mean(losses)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, u, s: p - lr_t * s * u, params, updates, scale_tree)
+    params = jax.tree.map(lambda p, u, s: p - lr_t * s * u, params, updates, scales)
     return params, opt_state, loss
 
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
   t = 0
-  for epoch in range(epochs):
+  for _ in range(epochs):
     perm = rng.permutation(n)
-    scale_tree = frozen_scales if epoch < freeze_epochs else scales
     for i in range(steps_per_epoch):
       idx = perm[i * bs * accum_steps:(i + 1) * bs * accum_steps].reshape(accum_steps, bs)
       lr_t = float(probe.cosine_lr(lr, cfg.min_lr, t, total))
       params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
-                                  jax.random.fold_in(key, t), jnp.float32(lr_t), scale_tree)
+                                  jax.random.fold_in(key, t), jnp.float32(lr_t))
       t += 1
   nnx.update(model, params)
   return model

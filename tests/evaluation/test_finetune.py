@@ -1,11 +1,14 @@
 """Fine-tuning: layer ids / lr scales, and one tiny classification and segmentation run."""
 
+import dataclasses
+
 import numpy as np
 from flax import nnx
 
 from configs import eval as eval_config
 from geomeld_jax.evaluation import finetune
 from geomeld_jax.evaluation import geobench
+from geomeld_jax.evaluation import probe
 
 CFG = finetune.FinetuneConfig.from_config({
     **eval_config.get_config("smoke").finetune, **dict(
@@ -55,9 +58,29 @@ def test_frozen_phase_leaves_encoder_untouched(tiny_encoder):
   assert not np.allclose(head_before, np.asarray(model.head.cls.kernel[...]))
 
 
-def test_accumulated_micro_batches_step_like_one_big_batch(tiny_encoder):
-  import dataclasses
+def test_unfrozen_encoder_takes_a_fresh_adam_step(tiny_encoder):
+  """Epoch 0 frozen, epoch 1 trained: the encoder's first update is Adam's first step.
 
+  Adam's first step is lr * scale * g / (|g| + eps), i.e. +-lr * scale where |g| >> eps (biases
+  and norms: no weight decay). Moments kept through the frozen epoch would blend the frozen
+  epoch's gradient into it (torch skips frozen parameters entirely).
+  """
+  cfg = dataclasses.replace(CFG, drop_path=0.0)
+  model = finetune.build_task_model(tiny_encoder, "segmentation", 2, cfg)
+  bias_before = np.asarray(model.encoder.stem_conv.bias[...]).copy()
+  s = _split(4, True, 2)
+  lr = 1e-2
+  finetune.train(model, s.x, s.y, kind="segmentation", num_classes=2, lr=lr, epochs=2,
+                 batch_size=4, cfg=cfg, freeze_epochs=1)
+  step = np.abs(np.asarray(model.encoder.stem_conv.bias[...]) - bias_before)
+  scales = finetune.lr_scales(nnx.state(model, nnx.Param), cfg.layer_decay)
+  expected = float(probe.cosine_lr(lr, cfg.min_lr, 1, 2)) * float(scales["encoder"]["stem_conv"]["bias"])
+  assert expected > 0
+  np.testing.assert_allclose(np.median(step / expected), 1.0, rtol=1e-3)
+  assert np.mean(np.abs(step / expected - 1.0) < 1e-2) > 0.9, step / expected
+
+
+def test_accumulated_micro_batches_step_like_one_big_batch(tiny_encoder):
   cfg = dataclasses.replace(CFG, drop_path=0.0)  # no randomness: the two must match
   s = _split(8, False, 3)
   params = []
