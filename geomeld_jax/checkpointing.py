@@ -2,6 +2,7 @@
 
 Layout under a workdir:
   <workdir>/config.json            the run's config (`save_config`), checked on resume
+  <workdir>/dataset.json           the dataset's fingerprint (`check_same_dataset`), ditto
   <workdir>/checkpoints/<step>/    one Orbax step: item 'state' (+ item 'data_iter')
 
 Atomicity comes from Orbax: a step is written into `<step>.orbax-checkpoint-tmp*` and renamed
@@ -242,6 +243,36 @@ def check_workdir_is_shared(workdir: str | epath.PathLike) -> None:
 def _has_checkpoint(workdir: str | epath.PathLike) -> bool:
   directory = checkpoint_dir(workdir)
   return directory.exists() and any(entry.name.isdigit() for entry in directory.iterdir())
+
+
+DATASET_FILENAME = "dataset.json"
+
+
+def check_same_dataset(workdir: str | epath.PathLike, fingerprint: Mapping[str, Any]) -> None:
+  """Refuses to resume on another dataset, then records `fingerprint` (host 0).
+
+  The saved iterator position is an index into the dataset's shuffled records: on another
+  build it would silently continue from somewhere else. Moving the dataset is fine (the
+  fingerprint is content, see `input_pipeline.fingerprint`).
+
+  Raises:
+    ValueError: naming each differing field, when the workdir holds checkpoints of a run
+      whose dataset had another fingerprint.
+  """
+  path = epath.Path(workdir) / DATASET_FILENAME
+  new = _flatten(json.loads(json.dumps(fingerprint)))
+  if _has_checkpoint(workdir) and path.exists():
+    old = _flatten(json.loads(path.read_text()))
+    diffs = [f"{k}: checkpoint's dataset has {old.get(k)!r}, this one has {new.get(k)!r}"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+      raise ValueError(f"the checkpoint in {workdir} was trained on another dataset, so its saved "
+                       "data position does not apply; use a fresh workdir. Differences:\n  "
+                       + "\n  ".join(diffs))
+  if jax.process_index() == 0:
+    tmp = path.parent / (DATASET_FILENAME + ".tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[str, Any],

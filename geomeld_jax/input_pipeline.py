@@ -11,6 +11,8 @@ iterator is a grain DatasetIterator, so its position is saved with each checkpoi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 from typing import Any
 
@@ -44,11 +46,30 @@ class DatasetFiles:
     return self.root / "manifest.json"
 
 
+# data_prep.writer builds into "<version>.incomplete-<id>" and renames it when whole; a
+# committed dataset has both of these files (writer.COMPLETION_FILES).
+_INCOMPLETE_MARKER = ".incomplete-"
+_COMPLETION_FILES = ("dataset_info.json", "manifest.json")
+
+
+def _is_built(d: pathlib.Path) -> bool:
+  return (_INCOMPLETE_MARKER not in d.name and (d / "statistics.json").is_file()
+          and all((d / f).is_file() for f in _COMPLETION_FILES))
+
+
+def _version_key(d: pathlib.Path) -> tuple:
+  return tuple(int(x) if x.isdigit() else -1 for x in d.name.split("."))
+
+
 def locate_dataset(path: str | pathlib.Path, build_hint: str = "") -> DatasetFiles:
-  """Finds the versioned dataset directory under `path` (the dir itself or `<name>/<version>`).
+  """Finds the committed dataset under `path`: the dir itself, or `<name>/<version>`.
+
+  Unfinished builds (``<version>.incomplete-*``, or no manifest yet) are never picked. Of
+  several versions of one dataset, the highest (1.10.0 > 1.9.0) is used.
 
   Raises:
     FileNotFoundError: with the command that builds the dataset when nothing is there.
+    ValueError: for an object-store URL, or when `path` holds several different datasets.
   """
   if str(path).startswith(("gs://", "s3://")):
     raise ValueError(
@@ -57,13 +78,32 @@ def locate_dataset(path: str | pathlib.Path, build_hint: str = "") -> DatasetFil
         "launch/tpu.sh run --data-bucket=gs://BUCKET mounts it (gcsfuse) at /tmp/gcsfuse, so "
         "--config.input.data_dir=/tmp/gcsfuse/<path in the bucket>.")
   p = pathlib.Path(path)
-  candidates = [p] + sorted(p.glob("*/*")) + sorted(p.glob("*"))
-  for c in candidates:
-    if (c / "dataset_info.json").is_file() and (c / "statistics.json").is_file():
-      return DatasetFiles(c)
+  if _is_built(p):
+    return DatasetFiles(p)
+  versions = [d for d in sorted(p.glob("*/*")) + sorted(p.glob("*")) if _is_built(d)]
+  names = sorted({d.parent for d in versions})
+  if len(names) > 1:
+    raise ValueError(f"{p} holds several datasets ({', '.join(str(n) for n in names)}): point "
+                     "data_dir at one of them")
+  if versions:
+    return DatasetFiles(max(versions, key=_version_key))
   hint = build_hint or "python -m data_prep.build --source=geomeld:'<shards>/*.tar' --output_dir=" + str(p)
-  raise FileNotFoundError(f"no built GeoMeld dataset under {p} (looked for dataset_info.json and "
-                          f"statistics.json). Build one with:\n  {hint}")
+  raise FileNotFoundError(f"no built GeoMeld dataset under {p} (looked for a committed build: "
+                          f"dataset_info.json, manifest.json, statistics.json). Build one with:\n"
+                          f"  {hint}")
+
+
+def fingerprint(files: DatasetFiles) -> dict[str, Any]:
+  """What a saved iterator position depends on: split sizes, statistics and tokenizer.
+
+  Content, not path or build time: the same data moved or rebuilt keeps its fingerprint.
+  """
+  manifest = json.loads(files.manifest.read_text())
+  digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else None
+  return {"name": manifest["name"], "version": manifest["version"],
+          "record_version": manifest["record_version"],
+          "splits": {k: v for k, v in sorted(manifest["splits"].items())},
+          "statistics_sha256": digest(files.statistics), "tokenizer_sha256": digest(files.tokenizer)}
 
 
 class Tokenizer:
@@ -96,12 +136,20 @@ class ProcessRecord(grain.transforms.RandomMap):
 
   def __init__(self, tokenizer: Tokenizer | None, *, crop_size: int, augment: bool,
                text_len: int):
+    if not 0 < crop_size <= mod.TILE_SIZE:
+      raise ValueError(f"crop_size {crop_size} must be in 1..{mod.TILE_SIZE} (the tile size)")
     self._tokenizer = tokenizer
     self._crop = crop_size
     self._augment = augment
     self._text_len = text_len
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    try:
+      return self._process(record, rng)
+    except Exception as e:  # a bad record stops every host: say which one
+      raise ValueError(f"record {records.tile_id(record)!r}: {type(e).__name__}: {e}") from e
+
+  def _process(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     ex = records.decode_storage(record)
     size = ex[mod.INPUT_MODALITY].shape[0]
     if self._augment:
@@ -167,14 +215,19 @@ def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, cro
   else:
     # Whole global batches only, so every host runs the same number of eval steps (a host
     # with one batch more would wait forever in the step's collectives).
-    ds = ds[:len(ds) // global_batch_size * global_batch_size]
-  ds = ds[process_index::process_count]  # disjoint per host: same permutation everywhere
+    num_batches = len(ds) // global_batch_size
+    if max_eval_batches is not None:
+      num_batches = min(num_batches, max_eval_batches)
+    ds = ds[:num_batches * global_batch_size]
+  # Augmentation draws are keyed by the global index (before the host slice), so hosts draw
+  # independently and the data for a seed does not depend on the host count.
   ds = ds.random_map(ProcessRecord(tokenizer, crop_size=crop_size, augment=train,
                                    text_len=text_len), seed=seed + 1)
-  ds = ds.batch(per_host, drop_remainder=True)
-  if max_eval_batches is not None and not train:
-    ds = ds[:max_eval_batches]
-  it = ds.to_iter_dataset()
+  ds = ds[process_index::process_count]  # disjoint per host: same permutation everywhere
+  # Records are read ahead by grain's threads into a buffer of one host batch; grain's default
+  # (500 elements) would hold up to 500 batches had the batching come first.
+  it = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=per_host))
+  it = it.batch(per_host, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it

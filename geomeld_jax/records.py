@@ -180,5 +180,10 @@ def image_targets(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
   }
 
 
+def tile_id(record: Mapping[str, Any]) -> str:
+  """The record's tile id, for error messages ("?" when even that is missing)."""
+  return _text(record["tile_id"]) if "tile_id" in record else "?"
+
+
 def captions(record: Mapping[str, Any]) -> list[str]:
   return [_text(c) for c in record["captions"]]

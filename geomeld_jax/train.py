@@ -99,6 +99,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   # Input pipeline                                                                         #
   ##########################################################################################
   files = _dataset(config)
+  checkpointing.check_same_dataset(workdir, input_pipeline.fingerprint(files))
   normalizer = input_pipeline.normalizer(files)
   setup = ts.setup(config, mesh, normalizer)
   mcfg = setup.model_def.config

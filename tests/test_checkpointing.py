@@ -133,6 +133,25 @@ def test_config_saved_and_incompatible_config_refused(tmp_path, mesh):
     checkpointing.check_compatible(tmp_path, config, ["model"])
 
 
+def test_resume_on_another_dataset_refused(tmp_path, mesh):
+  fingerprint = {"name": "geomeld", "splits": {"train": {"records": 367, "shards": 8}},
+                 "statistics_sha256": "ab12"}
+  checkpointing.check_same_dataset(tmp_path, fingerprint)  # first start: recorded
+  assert json.loads((tmp_path / "dataset.json").read_text()) == fingerprint
+  checkpointing.check_same_dataset(tmp_path, {**fingerprint, "statistics_sha256": "cd34"})  # no checkpoint yet
+  checkpointing.check_same_dataset(tmp_path, fingerprint)
+  state, _ = _state(mesh, seed=3)
+  ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1, async_save=False)
+  ckpt.maybe_save(1, state)
+  ckpt.close()
+
+  checkpointing.check_same_dataset(tmp_path, fingerprint)  # the same data (moved or rebuilt)
+  rebuilt = {**fingerprint, "splits": {"train": {"records": 366, "shards": 8}}}
+  with pytest.raises(ValueError, match="another dataset") as error:
+    checkpointing.check_same_dataset(tmp_path, rebuilt)
+  assert "splits.train.records: checkpoint's dataset has 367, this one has 366" in str(error.value)
+
+
 _KILL_CHILD = textwrap.dedent("""
     import sys, time
     import jax, numpy as np

@@ -1,5 +1,8 @@
 """The Grain input pipeline: per-host disjointness, aligned augmentation, captions, iterator state."""
 
+import json
+import time
+
 import numpy as np
 import pytest
 
@@ -69,7 +72,9 @@ def test_iterator_state_restores_with_worker_processes(demo_dataset):
                                             text_len=16, seed=0, train=True,
                                             num_workers=workers))
 
-  reference = make(0)
+  # Workers split the host's records between them, so the reference is an uninterrupted run
+  # with as many workers (num_workers is a resume key).
+  reference = make(2)
   expected = [next(reference)["sentinel2"] for _ in range(5)][3:]
   it = make(2)
   for _ in range(3):
@@ -109,6 +114,94 @@ def test_every_host_gets_the_same_number_of_eval_batches(demo_dataset):
     seen.append({b.tobytes() for batch in batches for b in batch["sentinel2"]})
   assert counts == [num_records // global_batch] * hosts, (counts, num_records, global_batch)
   assert sum(len(s) for s in seen) == len(set().union(*seen)) == counts[0] * global_batch
+
+
+def _fake_build(d):
+  d.mkdir(parents=True)
+  for name in ("dataset_info.json", "manifest.json", "statistics.json"):
+    (d / name).write_text("{}")
+  return d
+
+
+def test_locate_picks_the_newest_committed_build(tmp_path):
+  _fake_build(tmp_path / "geomeld" / "1.9.0")
+  newest = _fake_build(tmp_path / "geomeld" / "1.10.0")
+  _fake_build(tmp_path / "geomeld" / "2.0.0.incomplete-1234")  # a build still being written
+  unfinished = tmp_path / "geomeld" / "3.0.0"
+  _fake_build(unfinished)
+  (unfinished / "manifest.json").unlink()  # killed before its manifest: not committed
+  assert input_pipeline.locate_dataset(tmp_path).root == newest
+  assert input_pipeline.locate_dataset(newest).root == newest
+  with pytest.raises(FileNotFoundError, match="data_prep.build"):
+    input_pipeline.locate_dataset(tmp_path / "geomeld" / "2.0.0.incomplete-1234")
+  _fake_build(tmp_path / "other" / "1.0.0")
+  with pytest.raises(ValueError, match="several datasets"):
+    input_pipeline.locate_dataset(tmp_path)
+
+
+def test_fingerprint_is_content_not_path(demo_dataset, tmp_path):
+  import shutil
+
+  files = input_pipeline.locate_dataset(demo_dataset)
+  moved = tmp_path / "moved"
+  shutil.copytree(files.root, moved)
+  assert input_pipeline.fingerprint(input_pipeline.DatasetFiles(moved)) == input_pipeline.fingerprint(files)
+  stats = json.loads((moved / "statistics.json").read_text())
+  stats["summary"]["num_records"] += 1
+  (moved / "statistics.json").write_text(json.dumps(stats))
+  assert (input_pipeline.fingerprint(input_pipeline.DatasetFiles(moved))["statistics_sha256"]
+          != input_pipeline.fingerprint(files)["statistics_sha256"])
+
+
+def test_records_are_read_ahead_by_one_host_batch_only(demo_dataset, monkeypatch):
+  """Grain's default read-ahead (500 elements) would hold 500 whole batches."""
+  files = input_pipeline.locate_dataset(demo_dataset)
+  real_source = input_pipeline._split_source  # pylint: disable=protected-access
+  reads = []
+
+  class CountingSource:
+    def __init__(self, source):
+      self._source = source
+
+    def __len__(self):
+      return len(self._source)
+
+    def __getitem__(self, i):
+      reads.append(i)
+      return self._source[i]
+
+  monkeypatch.setattr(input_pipeline, "_split_source", lambda f, s: CountingSource(real_source(f, s)))
+  it = iter(input_pipeline.make_dataset(files, "train", global_batch_size=4, crop_size=32,
+                                        text_len=8, seed=0, train=True))
+  next(it)
+  time.sleep(1.0)  # let the reader threads run ahead as far as they will
+  assert len(reads) <= 3 * 4, len(reads)
+
+
+def test_batches_do_not_depend_on_the_host_count(demo_dataset):
+  """Hosts draw their own augmentations: two hosts' batches together are one host's batch."""
+  files = input_pipeline.locate_dataset(demo_dataset)
+  kw = dict(global_batch_size=8, crop_size=32, text_len=16, seed=5, train=True)
+
+  def first_batch(host, hosts):
+    batch = next(iter(input_pipeline.make_dataset(files, "train", process_index=host,
+                                                  process_count=hosts, **kw)))
+    return {(s.tobytes(), t.tobytes()) for s, t in zip(batch["sentinel2"], batch["text_tokens"])}
+
+  assert first_batch(0, 2) | first_batch(1, 2) == first_batch(0, 1)
+
+
+def test_crop_larger_than_the_tile_is_a_clear_error():
+  with pytest.raises(ValueError, match="crop_size 160"):
+    input_pipeline.ProcessRecord(None, crop_size=160, augment=False, text_len=8)
+
+
+def test_a_malformed_record_is_named():
+  record = {**_coordinate_record(), "tile_id": b"T32TPS_0042"}
+  del record["lat"]
+  process = input_pipeline.ProcessRecord(None, crop_size=32, augment=True, text_len=8)
+  with pytest.raises(ValueError, match="record 'T32TPS_0042': KeyError"):
+    process.random_map(record, np.random.default_rng(0))
 
 
 def test_a_bucket_url_as_data_dir_says_to_mount_it():
