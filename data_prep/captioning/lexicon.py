@@ -81,15 +81,19 @@ PERCENT_TOLERANCE = 10.0  # percentage points for "about NN%"
 # ----------------------------------------------------------------------------------------
 
 WATER_PHRASES: dict[str, tuple[str, ...]] = {
-    # form -> phrases; "any" asserts presence only.
+    # form -> phrases, matched in this order; "any" asserts presence only.
+    # Water over half the tile: the form the orchestrator reports for it.
+    "extensive": ("a large water body", "a large body of water", "extensive open water"),
     "any": ("open water", "surface water", "water bodies", "a water body", "water"),
     "river": ("a river", "the river", "river", "a stream", "stream", "a canal", "a channel"),
     "lake": ("a lake", "lake", "a pond", "ponds", "a reservoir", "reservoir"),
+    # Never measured (the tiles hold no coast evidence), so a "sea" claim is always rewritten.
     "sea": ("the sea", "open sea", "the ocean", "sea", "ocean"),
 }
-# A "river" needs an elongated main water body; "sea" needs water over half the tile.
+# A "river" needs an elongated main water body; water over half the tile is "extensive" (a
+# lake, a reservoir and the sea all look alike from the water mask alone).
 RIVER_MIN_ELONGATION = 3.0
-SEA_MIN_FRACTION = 0.5
+EXTENSIVE_WATER_MIN_FRACTION = 0.5
 
 # ----------------------------------------------------------------------------------------
 # Terrain. Classes follow geomeld_jax.modalities.TERRAIN_CLASSES; thresholds in orchestrator.

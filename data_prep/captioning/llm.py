@@ -1,17 +1,20 @@
 """An OpenAI-compatible chat-completions client (vLLM, llama.cpp server, Ollama, hosted APIs).
 
-Standard library only (http.client). Endpoint, model and key come from `LLMConfig` or from the
-environment: GEOMELD_LLM_ENDPOINT (base URL such as ``http://127.0.0.1:8000/v1``, or the full
-``.../chat/completions`` URL), GEOMELD_LLM_MODEL, GEOMELD_LLM_API_KEY. The key is sent as a
+Standard library only (http.client). Settings come from `LLMConfig` or from the environment:
+GEOMELD_LLM_ENDPOINT (base URL such as ``http://127.0.0.1:8000/v1``, or the full
+``.../chat/completions`` URL), GEOMELD_LLM_MODEL, GEOMELD_LLM_API_KEY, and any other field as
+GEOMELD_LLM_<FIELD> (GEOMELD_LLM_CACHE_DIR, GEOMELD_LLM_TEMPERATURE, ...). The key is sent as a
 bearer header and nowhere else: never logged, never in errors, the cache, or the provenance.
 
 Robustness: every request has a total deadline (connect + send + reading the body chunk by
 chunk), so a server that trickles bytes cannot hang the build; timeouts, connection errors,
 429 and 5xx are retried with exponential backoff; other 4xx are not; a malformed body is an
 error. A semaphore limits concurrent requests per client. Successful responses are cached on
-disk as JSON, keyed by tile id + prompt hash + model + candidate index. After
-``breaker_failures`` consecutive failed samples the client stops calling for
-``breaker_cooldown_s`` (callers fall back at once instead of waiting out timeouts per sample).
+disk as JSON, keyed by everything that shapes them (tile id, prompt hash, model, candidate
+index, seed, temperature, max_tokens), so a rebuild with a cache is byte-identical; a cache
+that cannot be written is skipped with a warning. After ``breaker_failures`` consecutive
+failed samples the client stops calling for ``breaker_cooldown_s`` (callers fall back at once
+instead of waiting out timeouts per sample); cached completions are still served meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import dataclasses
 import hashlib
 import http.client
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -57,14 +61,25 @@ class LLMConfig:
 
   @classmethod
   def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "LLMConfig":
+    """Each field from `overrides`, else GEOMELD_LLM_<FIELD>, else its default."""
     env = os.environ if env is None else env
-    endpoint = overrides.pop("endpoint", None) or env.get("GEOMELD_LLM_ENDPOINT", "")
-    model = overrides.pop("model", None) or env.get("GEOMELD_LLM_MODEL", "")
-    if not endpoint or not model:
+    values = {}
+    for f in dataclasses.fields(cls):
+      var = "GEOMELD_LLM_" + f.name.upper()
+      if overrides.get(f.name) is not None:
+        values[f.name] = overrides.pop(f.name)
+      elif env.get(var):
+        parse = {"float": float, "int": int}.get(str(f.type), str)
+        try:
+          values[f.name] = parse(env[var])
+        except ValueError:
+          raise ValueError(f"{var}={env[var]!r} is not a valid {f.type}") from None
+    if overrides:
+      raise ValueError(f"unknown llm settings {sorted(overrides)}")
+    if not values.get("endpoint") or not values.get("model"):
       raise ValueError("the llm captioner needs an endpoint and a model: set "
                        "GEOMELD_LLM_ENDPOINT and GEOMELD_LLM_MODEL or pass endpoint=/model=")
-    key = overrides.pop("api_key", None) or env.get("GEOMELD_LLM_API_KEY", "")
-    return cls(endpoint=endpoint, model=model, api_key=key, **overrides)
+    return cls(**values)
 
 
 def _chat_url(endpoint: str) -> urllib.parse.SplitResult:
@@ -90,9 +105,10 @@ class ChatClient:
     self._cache = pathlib.Path(config.cache_dir) if config.cache_dir else None
 
   # -- cache -----------------------------------------------------------------------------
-  def cache_key(self, tile_id: str, prompt_hash: str, index: int) -> str:
-    return hashlib.sha256(
-        f"{tile_id}|{prompt_hash}|{self.config.model}|{index}".encode()).hexdigest()
+  def cache_key(self, tile_id: str, prompt_hash: str, index: int, seed: int) -> str:
+    c = self.config
+    return hashlib.sha256(f"{tile_id}|{prompt_hash}|{c.model}|{index}|{seed}|{c.temperature}|"
+                          f"{c.max_tokens}".encode()).hexdigest()
 
   def _cache_get(self, key: str) -> str | None:
     if self._cache is None:
@@ -108,11 +124,14 @@ class ChatClient:
     if self._cache is None:
       return
     d = self._cache / key[:2]
-    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps({"tile_id": tile_id, "model": self.config.model,
-                               "content": content}))
-    os.replace(tmp, d / f"{key}.json")  # atomic: readers never see half a file
+    try:
+      d.mkdir(parents=True, exist_ok=True)
+      tmp.write_text(json.dumps({"tile_id": tile_id, "model": self.config.model,
+                                 "content": content}))
+      os.replace(tmp, d / f"{key}.json")  # atomic: readers never see half a file
+    except OSError as e:  # the completion itself is good: a full or read-only disk costs only the cache
+      logging.warning("llm cache %s not written: %s", self._cache, e)
 
   # -- circuit breaker -------------------------------------------------------------------
   def available(self) -> bool:
@@ -132,11 +151,14 @@ class ChatClient:
   # -- requests --------------------------------------------------------------------------
   def complete(self, messages: list[dict[str, str]], *, tile_id: str, prompt_hash: str,
                index: int, seed: int) -> tuple[str, bool]:
-    """One completion: (content, from_cache). Raises LLMError after the retries."""
-    key = self.cache_key(tile_id, prompt_hash, index)
+    """One completion: (content, from_cache). Raises LLMError after the retries, or at once
+    ("circuit_open") while the breaker is open and the cache has no answer."""
+    key = self.cache_key(tile_id, prompt_hash, index, seed)
     cached = self._cache_get(key)
     if cached is not None:
       return cached, True
+    if not self.available():
+      raise LLMError("circuit_open")
     body = json.dumps({"model": self.config.model, "messages": messages,
                        "temperature": self.config.temperature,
                        "max_tokens": self.config.max_tokens, "seed": int(seed),

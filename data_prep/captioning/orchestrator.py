@@ -389,8 +389,8 @@ def _metadata_water(meta, example) -> float | None:
 
 
 def _water_shape(mask: np.ndarray, consensus_pct: float) -> tuple[str | None, str | None]:
-  if consensus_pct >= 100.0 * lx.SEA_MIN_FRACTION:
-    return "sea", None
+  if consensus_pct >= 100.0 * lx.EXTENSIVE_WATER_MIN_FRACTION:
+    return "extensive", None
   labels, n = ndimage.label(mask)
   if n == 0:
     return None, None

@@ -161,8 +161,8 @@ class _Facts:
       where = f" in the {loc}" + self.pick(("", " of the tile", " part"))
     elif loc == "centre":
       where = " in the centre"
-    if form == "sea":
-      return self.pick(("open sea", "the sea")) + f" covering about {round(pct)}%"
+    if form == "extensive":
+      return self.pick(lx.WATER_PHRASES["extensive"]) + f" covering about {round(pct)}%"
     if form == "river":
       return self.pick(("a river", "a stream", "a channel")) + where
     if form == "lake":

@@ -78,8 +78,6 @@ class CaptionStage:
                      ) -> tuple[list[str], list[dict[str, Any]]]:
     """K completions; returns (texts, per-request log with cache hits and error reasons)."""
     client = self.client()
-    if not client.available():
-      return [], [{"index": i, "error": "circuit_open"} for i in range(self.k)]
 
     def one(i: int):
       messages = orchestrator.render_prompt(record, variant=i)
@@ -95,7 +93,8 @@ class CaptionStage:
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
       results = list(pool.map(one, range(self.k)))
     texts = [t for t, _ in results if t]
-    client.record_outcome(bool(texts))
+    if any(log.get("error") != "circuit_open" for _, log in results):  # an open breaker is no news
+      client.record_outcome(bool(texts))
     return texts, [log for _, log in results]
 
   # -- the stage -------------------------------------------------------------------------
@@ -153,7 +152,7 @@ def make_caption_stage(name: str, **options) -> CaptionStage:
 
   Options: k, seed, embed_fn, keep_source_captions, use_gazetteer; for 'llm' either
   llm_config=LLMConfig(...) or endpoint/model/api_key/timeout_s/retries/backoff_s/
-  max_concurrency/cache_dir/... (missing ones from GEOMELD_LLM_* environment variables).
+  max_concurrency/cache_dir/... (missing ones from GEOMELD_LLM_<FIELD> environment variables).
   """
   stage_keys = ("k", "seed", "embed_fn", "keep_source_captions", "use_gazetteer")
   stage_opts = {key: options.pop(key) for key in stage_keys if key in options}

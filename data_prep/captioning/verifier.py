@@ -126,9 +126,11 @@ _NUMBER_PATTERNS: list[tuple[str, str, re.Pattern]] = [
 ]
 _ASPECT_RE = re.compile(rf"\b({_COMPASS_RE})-facing", re.I)
 _LOCATION_RE = re.compile(
-    rf"\bin the ({_COMPASS_RE}|centre|center)(?:ern)?(?: (?:part|side|corner|half|edge))?"
+    rf"\bin the ({_COMPASS_RE}|centre|center)(?:ern)?\b(?! hemisphere)"
+    rf"(?: (?:part|side|corner|half|edge))?"
     rf"(?: of the tile)?", re.I)
 _PERCENT_RE = re.compile(rf"{_APPROX}{_NUM}\s?%")
+_SEA_LEVEL_RE = re.compile(r"\bsea[- ]level\b", re.I)
 _PLACE_RE = re.compile(rf"\b(?:near|close to|outside|in|around|of) {_NAME}")
 
 
@@ -180,6 +182,8 @@ def parse_clause(text: str, record: AttributeRecord | None = None) -> list[Claim
     for m in sc.find(pat):
       claims.append(Claim(kind, stat, m.group(0), *m.span(), number=float(m.group(1)),
                           number_span=m.span(1)))
+  for _ in sc.find(_SEA_LEVEL_RE):  # a height reference, not water
+    pass
   for m in sc.find(_ASPECT_RE):
     claims.append(Claim("aspect", m.group(1).lower(), m.group(0), *m.span()))
   for m in sc.find(_LOCATION_RE):
@@ -200,12 +204,22 @@ def parse_clause(text: str, record: AttributeRecord | None = None) -> list[Claim
         extent_claims.append(c)
   claims.sort(key=lambda c: c.start)
   _attach_extents(text, claims, extent_claims, sc)
+  if not any(c.kind == "water" for c in claims):
+    for c in claims:  # only water has a measured position: "grassland in the north" is not checkable
+      if c.kind == "water_location":
+        c.kind = "location"
   return claims
 
 
 def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _Scanner) -> None:
-  """Extent phrase just before a class (up to two words between, no other claim between) and
-  the nearest percentage after it (or before it when none follows)."""
+  """Binds extent phrases and percentages to the class they are about.
+
+  An extent phrase binds to the class right after it ("mostly forest"); a percentage to the
+  class right after it ("30% meadows", up to two words between) or else right before it
+  ("forest (about 67%)", "the lake covering about 6%", up to three words between). No other
+  claim may stand between. A percentage that binds to nothing becomes an unowned claim, which
+  is unsupported, so its clause goes.
+  """
   for c in targets:
     prev_end = max([o.end for o in claims if o.end <= c.start], default=0)
     window = text[prev_end:c.start]
@@ -217,15 +231,48 @@ def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _S
     if best is not None:
       c.extent = _EXTENT_OF[best.group(0).lower()]
       c.extent_span = (prev_end + best.start(), prev_end + best.end())
+
+  def adjacent(s: int, e: int, max_words: int) -> bool:
+    return (len(text[s:e].split()) <= max_words
+            and not any(s <= o.start and o.end <= e for o in claims))
+
   for m in _PERCENT_RE.finditer(text):
     if not sc.free(*m.span(1)):
       continue
-    before = [c for c in targets if c.end <= m.start() and c.number is None]
-    after = [c for c in targets if c.start >= m.end() and c.number is None]
-    owner = before[-1] if before else (after[0] if after else None)
+    after = [c for c in targets if c.start >= m.end() and c.number is None
+             and adjacent(m.end(), c.start, 2)]
+    before = [c for c in targets if c.end <= m.start() and c.number is None
+              and adjacent(c.end, m.start(), 3)]
+    owner = after[0] if after else (before[-1] if before else None)
+    sc.take(*m.span(1))
     if owner is not None:
       owner.number, owner.number_span = float(m.group(1)), m.span(1)
-      sc.take(*m.span(1))
+    else:
+      claims.append(Claim("unowned_percent", "", m.group(0), *m.span()))
+  claims.sort(key=lambda c: c.start)
+
+
+_LEFTOVER_NAME_RE = re.compile(r"(?<![\w.-])[A-Z][a-z]+")
+_LEFTOVER_LINK_RE = re.compile(r"https?:|www\.|@|\b\w+\.(?:com|org|net|io|info|ru|cn)\b", re.I)
+_LEFTOVER_NUMBER_RE = re.compile(r"\d")
+_SENSOR_RE = re.compile(r"\bSentinel-?[12]\b")
+
+
+def unchecked_content(clause: str, claims: list[Claim]) -> str | None:
+  """A name, link or number in `clause` that none of its claims accounts for, or None.
+
+  Such words are never checked ("along the Danube", "visit x.com", "built in 1990"), so a
+  clause holding one goes even when its other claims hold.
+  """
+  rest = list(_SENSOR_RE.sub(lambda m: " " * len(m.group(0)), clause))
+  for c in claims:
+    for s, e in ((c.start, c.end), c.number_span or (0, 0), c.extent_span or (0, 0)):
+      rest[s:e] = " " * (e - s)
+  rest = "".join(rest)
+  m = _LEFTOVER_LINK_RE.search(rest) or _LEFTOVER_NUMBER_RE.search(rest)
+  if m is None:  # a clause's first word may be capitalised
+    m = _LEFTOVER_NAME_RE.search(rest, re.match(r"\s*\S*", clause).end())
+  return m.group(0) if m else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,8 +293,10 @@ def _fraction_check(c: Claim, f: float, evidence: str, rng_phrase: str) -> Check
       return Check(SUPPORTED, evidence)
     if c.extent == "none" or f < lx.PRESENCE_RANGE[0]:
       return Check(CONTRADICTED, evidence)
-    names = lx.extent_for(f) or ["moderate"]
-    names = [n for n in names if n != "none"] or ["small"]
+    names = ([n for n in lx.extent_for(f) if n != "none"]
+             or [n for n in lx.EXTENTS if n != "none" and lx.extent_holds(n, f)])
+    if not names:
+      return Check(CONTRADICTED, evidence)
     return Check(CONTRADICTED, evidence, (*c.extent_span, lx.EXTENTS[names[0]][2][0]))
   if f >= lx.PRESENCE_RANGE[0] - 0.002:
     return Check(SUPPORTED, evidence)
@@ -274,13 +323,14 @@ def check_claim(c: Claim, record: AttributeRecord) -> Check:
     if base.verdict != SUPPORTED or c.subject == "any" or c.extent == "none":
       return base
     form = v("water.form")
-    if c.subject == "sea":
-      return base if f >= lx.SEA_MIN_FRACTION - lx.EXTENT_TOLERANCE else Check(
-          CONTRADICTED, ev + ", too little water for sea", (c.start, c.end, "open water"))
     if form == c.subject:
       return Check(SUPPORTED, ev + f", main water body {form}-shaped")
     return Check(CONTRADICTED, ev + f", main water body is {form or 'of no clear form'}",
                  (c.start, c.end, "open water"))
+  if kind == "location":
+    return Check(UNSUPPORTED, "only water has a measured position in the tile")
+  if kind == "unowned_percent":
+    return Check(UNSUPPORTED, "a percentage of no recognised class")
   if kind == "water_location":
     loc = v("water.location")
     if loc is None:
@@ -402,9 +452,11 @@ def _join(clauses: list[str]) -> str:
   return (s[0].upper() + s[1:] + ".") if s else ""
 
 
-def _pass(caption: str, record: AttributeRecord) -> tuple[str, list[dict[str, Any]], int]:
+def _pass(caption: str, record: AttributeRecord, *, rewrite: bool = True
+          ) -> tuple[str, list[dict[str, Any]], int]:
   """One verification pass: returns the rewritten caption, the claim table, and how many
-  claims were contradicted or unsupported."""
+  claims were contradicted or unsupported. With `rewrite` off, a contradicted claim removes
+  its clause even when a fix exists."""
   table: list[dict[str, Any]] = []
   bad = 0
   sentences_out = []
@@ -419,7 +471,7 @@ def _pass(caption: str, record: AttributeRecord) -> tuple[str, list[dict[str, An
         action = "keep"
         if chk.verdict != SUPPORTED:
           bad += 1
-          if chk.verdict == CONTRADICTED and chk.fix is not None:
+          if rewrite and chk.verdict == CONTRADICTED and chk.fix is not None:
             fixes.append(chk.fix)
             action = f"rewrite -> {chk.fix[2]!r}"
           else:
@@ -427,6 +479,12 @@ def _pass(caption: str, record: AttributeRecord) -> tuple[str, list[dict[str, An
             action = "remove clause"
         table.append({"claim": c.text, "kind": c.kind, "subject": c.subject,
                       "evidence": chk.evidence, "verdict": chk.verdict, "action": action})
+      leftover = unchecked_content(clause, claims) if claims else None
+      if leftover is not None:
+        bad += 1
+        drop = True
+        table.append({"claim": clause, "kind": "unchecked", "subject": leftover, "evidence": "",
+                      "verdict": UNSUPPORTED, "action": f"remove clause (unchecked {leftover!r})"})
       if drop:
         continue
       if not claims:
@@ -446,8 +504,10 @@ def coverage(final_table: list[dict[str, Any]], record: AttributeRecord) -> floa
   available = available_groups(record)
   if not available:
     return 0.0
-  covered = {_KIND_GROUP[r["kind"]] for r in final_table
-             if r["verdict"] == SUPPORTED and r["kind"] in _KIND_GROUP}
+  supported = [r for r in final_table if r["verdict"] == SUPPORTED and r["kind"] in _KIND_GROUP]
+  covered = {_KIND_GROUP[r["kind"]] for r in supported}
+  if any(r["kind"] == "landcover" and r["subject"] == "built" for r in supported):
+    covered.add("builtup")  # "built-up areas (about 85%)" speaks to it as much as "densely built"
   return len(covered & available) / len(available)
 
 
@@ -489,10 +549,9 @@ def verify(caption: str, record: AttributeRecord, max_passes: int = 3) -> Verifi
       break
     text = new_text
   else:
-    # Still changing after max_passes: keep only what a last pass leaves untouched.
-    text, final_table, bad = _pass(text, record)
-    if bad:
-      text = ""
+    # Still changing after max_passes: drop the clauses that are still wrong, keep the rest.
+    text, _, _ = _pass(text, record, rewrite=False)
+    final_table = _pass(text, record)[1] if text else []
   if not text or not any(r["verdict"] == SUPPORTED for r in final_table):
     return Verification(original, None, first_table, [], precision, 0.0,
                         "no_verifiable_content")

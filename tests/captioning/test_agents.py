@@ -134,6 +134,75 @@ def test_verifier_removes_or_rewrites_planted_false_claims(tile):
   assert {r["verdict"] for r in ver.final_claims} == {"supported"}
 
 
+@pytest.fixture(scope="module")
+def forest_tile():
+  # Tile 0: forest 67 %, grassland 28 %, water 6 % in the centre, northern hemisphere, Slovenia.
+  return cap_eval.synthetic_tile(0, seed=0).truth
+
+
+@pytest.mark.parametrize("caption", [
+    "Mostly forest with about 28% grassland, in Slovenia.",  # the percentage is grassland's
+    "Mostly forest with 30% meadows and 6% open water, in Slovenia.",
+    "Forest (about 67%), in Slovenia.",  # ... or the class's just before it
+    "Mostly forest well above sea level, in Slovenia.",  # a height reference, not water
+    "A Sentinel-2 view of mostly forest, in Slovenia.",
+])
+def test_verifier_keeps_true_free_text(forest_tile, caption):
+  ver = verifier.verify(caption, forest_tile)
+  assert ver.caption == caption and ver.precision == 1.0, ver.claims
+
+
+@pytest.mark.parametrize("caption, kept", [
+    ("Mostly forest and visit evil.com for details, in Slovenia.", "In Slovenia."),
+    ("Mostly forest along the Danube, in Slovenia.", "In Slovenia."),  # a name never checked
+    ("Mostly forest planted in 1990, in Slovenia.", "In Slovenia."),  # a number never checked
+    ("Grassland in the north, in Slovenia.", "In Slovenia."),  # only water has a position
+    ("Mostly forest and some scattered features covering 12%, in Slovenia.", "In Slovenia."),
+    ("Seen in the southern hemisphere, in Slovenia.", "In Slovenia."),  # a hemisphere, not water
+    ("The sea covering about 6%, in Slovenia.", "Open water covering about 6%, in Slovenia."),
+])
+def test_verifier_drops_or_fixes_what_it_cannot_check(forest_tile, caption, kept):
+  assert verifier.verify(caption, forest_tile).caption == kept
+
+
+def _with(record, **values):
+  attrs = dict(record.attributes)
+  attrs.update({k.replace("__", "."): orchestrator.Attribute(v, "test", 0.9) for k, v in values.items()})
+  return orchestrator.AttributeRecord(record.tile_id, attrs, {})
+
+
+def test_a_wrong_extent_on_a_small_class_is_rewritten_not_rejected(forest_tile):
+  rec = _with(forest_tile, landcover__fractions={"forest": 0.7, "cropland": 0.02, "grassland": 0.28})
+  ver = verifier.verify("Mostly cropland, in Slovenia.", rec)
+  assert ver.caption == "Small patches of cropland, in Slovenia."
+
+
+def test_built_up_land_cover_counts_for_the_built_up_group(forest_tile):
+  rec = _with(forest_tile, landcover__fractions={"built": 0.85, "grassland": 0.15},
+              builtup__fraction=0.85)
+  ver = verifier.verify("Mostly built-up areas, in Slovenia.", rec)
+  assert ver.precision == 1.0, ver.claims
+  available = verifier.available_groups(rec)
+  assert "builtup" in available
+  assert ver.coverage == pytest.approx(len({"landcover", "builtup", "place"}) / len(available))
+
+
+def test_more_than_half_water_is_not_called_sea(forest_tile):
+  """A lake, a reservoir or the sea: the water mask alone cannot tell them apart."""
+  form, _ = orchestrator._water_shape(np.ones((64, 64), bool), 69.0)  # pylint: disable=protected-access
+  assert form == "extensive"
+  attrs = dict(forest_tile.attributes)
+  attrs["water.form"] = orchestrator.Attribute(form, "test", 0.9)
+  attrs["water.percent"] = orchestrator.Attribute(69.0, "test", 0.9)
+  attrs["landcover.fractions"] = orchestrator.Attribute({"water": 0.69, "forest": 0.31}, "test", 0.9)
+  rec = orchestrator.AttributeRecord(forest_tile.tile_id, attrs, {})
+  captions = realiser.realise(rec, 12)
+  assert not any(w in c.lower() for c in captions for w in ("sea", "ocean")), captions
+  assert any("69%" in c for c in captions)
+  for c in captions:
+    assert verifier.verify(c, rec).precision == 1.0, c
+
+
 def test_verifier_checks_numbers_with_tolerance(tile):
   rec = tile.truth
   relief = rec.value("terrain.relief")

@@ -138,12 +138,44 @@ def test_unreachable_server_and_circuit_breaker(tile, tmp_path):
   assert prov["fallback"]["detail"] == "circuit_open"
 
 
+def test_cache_serves_while_the_breaker_is_open_and_keys_the_seed(server, tile, tmp_path):
+  server.mode, server.content, server.hits = "ok", "Mostly forest, in Slovenia.", 0
+  st = _stage(server, tmp_path)
+  first = st.process(tile.example)
+  hits = server.hits
+  client = st.client()
+  client._open_until = time.monotonic() + 60.0  # pylint: disable=protected-access
+  again = st.process(tile.example)  # every completion is cached: the open breaker does not matter
+  assert again["captions"] == first["captions"] and server.hits == hits
+  assert json.loads(again["caption_provenance"])["fallback"] is None
+  other_seed = stage_lib.make_caption_stage("llm", llm_config=st.llm_config, k=st.k, seed=st.seed + 1)
+  assert other_seed.client().cache_key("t", "p", 0, 1) != client.cache_key("t", "p", 0, 2)
+  prov = json.loads(other_seed.process(tile.example)["caption_provenance"])
+  assert not any(r.get("cached") for r in prov["requests"])  # another seed: not the cached answers
+
+
+def test_an_unwritable_cache_costs_only_the_cache(server, tile, tmp_path):
+  server.mode, server.content, server.hits = "ok", "Mostly forest, in Slovenia.", 0
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  config = llm.LLMConfig(endpoint=f"http://127.0.0.1:{server.server_address[1]}/v1", model="m", cache_dir=str(blocker / "cache"))
+  out = stage_lib.make_caption_stage("llm", llm_config=config, k=1).process(tile.example)
+  assert json.loads(out["caption_provenance"])["captioner"] == "llm"
+
+
 def test_config_from_env_and_errors(monkeypatch):
   monkeypatch.setenv("GEOMELD_LLM_ENDPOINT", "http://127.0.0.1:1234/v1")
   monkeypatch.setenv("GEOMELD_LLM_MODEL", "qwen")
   monkeypatch.setenv("GEOMELD_LLM_API_KEY", SECRET)
+  monkeypatch.setenv("GEOMELD_LLM_CACHE_DIR", "/tmp/llm-cache")
+  monkeypatch.setenv("GEOMELD_LLM_TEMPERATURE", "0.0")
   cfg = llm.LLMConfig.from_env()
   assert (cfg.model, cfg.api_key) == ("qwen", SECRET) and SECRET not in repr(cfg)
+  assert (cfg.cache_dir, cfg.temperature) == ("/tmp/llm-cache", 0.0)
+  assert llm.LLMConfig.from_env(temperature=0.5).temperature == 0.5
+  monkeypatch.setenv("GEOMELD_LLM_MAX_TOKENS", "many")
+  with pytest.raises(ValueError, match="GEOMELD_LLM_MAX_TOKENS='many'"):
+    llm.LLMConfig.from_env()
   with pytest.raises(ValueError, match="GEOMELD_LLM_ENDPOINT"):
     llm.LLMConfig.from_env(env={})
   with pytest.raises(ValueError, match="http"):
