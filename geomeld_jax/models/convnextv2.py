@@ -28,11 +28,9 @@ Two stems:
   and the official ConvNeXt-V2 checkpoints (see ``geomeld_jax.models.convert``).
 * ``'patch'``: the MMEarth small-tile stem: 3x3 stride-1 conv + LN + GELU at full
   resolution, then a depthwise conv with kernel = stride = patch_size/8 + LN, so the
-  total stride is ``patch_size`` (128-px tile, patch 16 -> 8x8 final grid). MMEarth's
-  3x3 conv has no padding and its depthwise conv pads by k//2 to compensate, which
-  shifts the pixel grid by one pixel against the mask cells; here the 3x3 conv pads by
-  one ('SAME') and the depthwise conv is VALID, so every stem window lies inside one
-  mask cell.
+  total stride is ``patch_size`` (128-px tile, patch 16 -> 8x8 final grid). MMEarth pads
+  the depthwise conv instead of the 3x3 conv; both see the same input pixels per stem
+  output (the taps line up), and here each depthwise window lies inside one mask cell.
 """
 
 from __future__ import annotations

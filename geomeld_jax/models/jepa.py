@@ -101,8 +101,10 @@ def sample_jepa_masks(
   Target blocks may overlap each other. The context is a square-ish block of
   `context_scale` minus the union of the targets. If that leaves fewer than `min_context`
   positions, target blocks are dropped from the last one back until it does (I-JEPA retries
-  and then relaxes constraints instead); the first target block is always kept while the
-  context stays non-empty, so the context is never empty and there is always a target.
+  and then relaxes constraints instead); the first target block is kept whenever it leaves
+  the context non-empty. So the context is never empty, and a sample whose first target would
+  swallow its whole context (possible only with a small `context_scale` against a large
+  `target_scale`) keeps no target: it adds nothing to the JEPA loss's masked mean.
   A context with more than `max_context` cells keeps a uniformly random `max_context` of them
   (a static bound lets the context pass compute on that many cells only; I-JEPA truncates
   every context to the batch's smallest, dropping the last cells in raster order, a spatial
@@ -140,8 +142,8 @@ def sample_jepa_masks(
     kept_ctx = jnp.sum(context_block[None] & ~unions, axis=(1, 2))  # (M,)
     need = jnp.where(jnp.arange(num_targets) == 0, 1, min_context)
     # Monotone: the context only shrinks as blocks are added, so the count of feasible
-    # prefixes is the number of blocks to keep.
-    num_kept = jnp.maximum(jnp.sum(kept_ctx >= need), 1)
+    # prefixes is the number of blocks to keep (0 when even the first empties the context).
+    num_kept = jnp.sum(kept_ctx >= need)
     keep = jnp.arange(num_targets) < num_kept
     blocks = blocks & keep[:, None, None]
     target = jnp.any(blocks, axis=0)

@@ -83,6 +83,18 @@ def test_min_context_drops_trailing_targets():
   assert kept.min() >= 1 and kept.max() > 1 and kept.min() < 4
 
 
+def test_context_is_never_empty_even_when_a_target_covers_it():
+  # A small context block against large targets: the first target can swallow it whole.
+  masks = jepa.sample_jepa_masks(jax.random.key(0), 256, 4, 4, target_scale=(0.3, 0.4),
+                                 context_scale=(0.15, 0.2), min_context=2)
+  ctx = np.asarray(masks.context).sum(axis=(1, 2))
+  targets = np.asarray(masks.target).sum(axis=(1, 2))
+  assert ctx.min() >= 1
+  swallowed = targets == 0  # those samples keep no target, so the JEPA loss skips them
+  assert 0 < swallowed.sum() < 256
+  assert not np.any(np.asarray(masks.context) & np.asarray(masks.target))
+
+
 def test_context_capacity_thins_contexts_uniformly():
   gh = gw = 8
   cap = jepa.context_capacity(gh * gw, 0.375, min_context=4)
