@@ -98,8 +98,10 @@ def fingerprint(files: DatasetFiles) -> dict[str, Any]:
 
   Content, not path or build time: the same data moved or rebuilt keeps its fingerprint.
   """
+  def digest(f: pathlib.Path) -> str | None:
+    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else None
+
   manifest = json.loads(files.manifest.read_text())
-  digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else None
   return {"name": manifest["name"], "version": manifest["version"],
           "record_version": manifest["record_version"],
           "splits": {k: v for k, v in sorted(manifest["splits"].items())},
@@ -220,7 +222,7 @@ def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, cro
       num_batches = min(num_batches, max_eval_batches)
     ds = ds[:num_batches * global_batch_size]
   # Augmentation draws are keyed by the global index (before the host slice), so hosts draw
-  # independently and the data for a seed does not depend on the host count.
+  # independently (keyed by the host-local index, every host repeated the same draws).
   ds = ds.random_map(ProcessRecord(tokenizer, crop_size=crop_size, augment=train,
                                    text_len=text_len), seed=seed + 1)
   ds = ds[process_index::process_count]  # disjoint per host: same permutation everywhere

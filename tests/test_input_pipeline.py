@@ -179,7 +179,8 @@ def test_records_are_read_ahead_by_one_host_batch_only(demo_dataset, monkeypatch
 
 
 def test_batches_do_not_depend_on_the_host_count(demo_dataset):
-  """Hosts draw their own augmentations: two hosts' batches together are one host's batch."""
+  """Hosts draw their own augmentations: two hosts' batches together are one host's batch
+  (keyed by the host-local index, both hosts would repeat the same draws)."""
   files = input_pipeline.locate_dataset(demo_dataset)
   kw = dict(global_batch_size=8, crop_size=32, text_len=16, seed=5, train=True)
 
