@@ -257,11 +257,15 @@ def check_same_dataset(workdir: str | epath.PathLike, fingerprint: Mapping[str, 
 
   Raises:
     ValueError: naming each differing field, when the workdir holds checkpoints of a run
-      whose dataset had another fingerprint.
+      whose dataset had another fingerprint, or checkpoints without a recorded fingerprint
+      (written before it was recorded, when the saved data position counted batches).
   """
   path = epath.Path(workdir) / DATASET_FILENAME
   new = _flatten(json.loads(json.dumps(fingerprint)))
-  if _has_checkpoint(workdir) and path.exists():
+  if _has_checkpoint(workdir) and not path.exists():
+    raise ValueError(f"{workdir} holds checkpoints but no {DATASET_FILENAME}: they predate the "
+                     "dataset fingerprint and the record-level data position; use a fresh workdir")
+  if _has_checkpoint(workdir):
     old = _flatten(json.loads(path.read_text()))
     diffs = [f"{k}: checkpoint's dataset has {old.get(k)!r}, this one has {new.get(k)!r}"
              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

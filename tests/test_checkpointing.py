@@ -150,6 +150,9 @@ def test_resume_on_another_dataset_refused(tmp_path, mesh):
   with pytest.raises(ValueError, match="another dataset") as error:
     checkpointing.check_same_dataset(tmp_path, rebuilt)
   assert "splits.train.records: checkpoint's dataset has 367, this one has 366" in str(error.value)
+  (tmp_path / "dataset.json").unlink()  # checkpoints from before the fingerprint was recorded
+  with pytest.raises(ValueError, match="no dataset.json"):
+    checkpointing.check_same_dataset(tmp_path, fingerprint)
 
 
 _KILL_CHILD = textwrap.dedent("""
