@@ -227,8 +227,10 @@ def make_dataset(files: DatasetFiles, split: str, *, global_batch_size: int, cro
                                    text_len=text_len), seed=seed + 1)
   ds = ds[process_index::process_count]  # disjoint per host: same permutation everywhere
   # Records are read ahead by grain's threads into a buffer of one host batch; grain's default
-  # (500 elements) would hold up to 500 batches had the batching come first.
-  it = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=per_host))
+  # (500 elements) would hold up to 500 batches had the batching come first. Grain wants no
+  # more threads than buffer slots.
+  threads = min(grain.ReadOptions().num_threads, per_host)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=per_host))
   it = it.batch(per_host, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
