@@ -11,7 +11,8 @@ canopy height, tall/low trees, tree cover, densely built, season, month, hemisph
 Checks use the tolerances in `lexicon` against attributes with confidence >= 0.5; a claim on
 an unknown or low-confidence attribute is `unsupported`. Verdicts: supported, contradicted,
 unsupported. Actions: a contradicted extent, number or season is rewritten to the measured
-value; any other contradicted or unsupported claim removes its clause; a sentence left with no
+value; any other contradicted or unsupported claim removes its clause, as does a name, link or
+number that no claim accounts for (`unchecked_content`); a sentence left with no
 supported claim is removed (so text without verifiable content, e.g. instructions injected
 through metadata, never survives); a caption left with nothing is rejected.
 """
@@ -182,8 +183,7 @@ def parse_clause(text: str, record: AttributeRecord | None = None) -> list[Claim
     for m in sc.find(pat):
       claims.append(Claim(kind, stat, m.group(0), *m.span(), number=float(m.group(1)),
                           number_span=m.span(1)))
-  for _ in sc.find(_SEA_LEVEL_RE):  # a height reference, not water
-    pass
+  list(sc.find(_SEA_LEVEL_RE))  # reserve "sea level" (a height reference, not water)
   for m in sc.find(_ASPECT_RE):
     claims.append(Claim("aspect", m.group(1).lower(), m.group(0), *m.span()))
   for m in sc.find(_LOCATION_RE):
