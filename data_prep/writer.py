@@ -30,15 +30,15 @@ from typing import Mapping, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+# Written last when committing to an object store: their presence means "complete".
+from geomeld_jax.records import COMPLETION_FILES, INCOMPLETE_MARKER  # noqa: F401 (re-exported)
+
 # group_size:1 keeps every record randomly accessible. Compression trades disk for read speed
 # (synthetic full-modality records, 2 cores): zstd (ArrayRecord's default) ~30% of raw float32
 # and ~930 reads/s per core; snappy ~38% and ~1,500/s; uncompressed ~48% and ~3,000/s.
 COMPRESSION_OPTIONS = {"zstd": "group_size:1", "snappy": "group_size:1,snappy",
                        "uncompressed": "group_size:1,uncompressed"}
 FILE_SUFFIX = "array_record"
-INCOMPLETE_MARKER = ".incomplete-"
-# Written last when committing to an object store: their presence means "complete".
-COMPLETION_FILES = ("dataset_info.json", "manifest.json")
 
 
 def is_local(path: str) -> bool:

@@ -245,6 +245,20 @@ def _has_checkpoint(workdir: str | epath.PathLike) -> bool:
   return directory.exists() and any(entry.name.isdigit() for entry in directory.iterdir())
 
 
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], old_label: str, new_label: str,
+                 matters=lambda key: True) -> list[str]:
+  """'key: <old_label> X, <new_label> Y' for each differing (flattened) key that matters."""
+  old, new = _flatten(old), _flatten(new)
+  missing = object()
+  shown = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
+  diffs = []
+  for key in sorted(k for k in set(old) | set(new) if matters(k)):
+    before, after = old.get(key, missing), new.get(key, missing)
+    if before != after:
+      diffs.append(f"{key}: {old_label} {shown(before)}, {new_label} {shown(after)}")
+  return diffs
+
+
 DATASET_FILENAME = "dataset.json"
 
 
@@ -261,14 +275,13 @@ def check_same_dataset(workdir: str | epath.PathLike, fingerprint: Mapping[str, 
       (written before it was recorded, when the saved data position counted batches).
   """
   path = epath.Path(workdir) / DATASET_FILENAME
-  new = _flatten(json.loads(json.dumps(fingerprint)))
-  if _has_checkpoint(workdir) and not path.exists():
-    raise ValueError(f"{workdir} holds checkpoints but no {DATASET_FILENAME}: they predate the "
-                     "dataset fingerprint and the record-level data position; use a fresh workdir")
   if _has_checkpoint(workdir):
-    old = _flatten(json.loads(path.read_text()))
-    diffs = [f"{k}: checkpoint's dataset has {old.get(k)!r}, this one has {new.get(k)!r}"
-             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not path.exists():
+      raise ValueError(f"{workdir} holds checkpoints but no {DATASET_FILENAME}: they predate the "
+                       "dataset fingerprint and the record-level data position; use a fresh "
+                       "workdir")
+    diffs = _differences(json.loads(path.read_text()), json.loads(json.dumps(fingerprint)),
+                         "checkpoint's dataset has", "this one has")
     if diffs:
       raise ValueError(f"the checkpoint in {workdir} was trained on another dataset, so its saved "
                        "data position does not apply; use a fresh workdir. Differences:\n  "
@@ -299,19 +312,11 @@ def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[s
   if not path.exists():
     raise ValueError(f"{workdir} holds checkpoints but no {CONFIG_FILENAME}, so their config cannot be "
                      "checked; use a fresh workdir")
-  old = _flatten(_config_dict(path.read_text()))
-  new = _flatten(_config_dict(config_json))
-
   def matters(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in keys_that_matter)
 
-  missing = object()
-  diffs = []
-  for key in sorted(k for k in set(old) | set(new) if matters(k)):
-    before, after = old.get(key, missing), new.get(key, missing)
-    if before != after:
-      diffs.append(f"{key}: checkpoint has {'<absent>' if before is missing else repr(before)}, "
-                   f"config has {'<absent>' if after is missing else repr(after)}")
+  diffs = _differences(_config_dict(path.read_text()), _config_dict(config_json),
+                       "checkpoint has", "config has", matters)
   if diffs:
     raise ValueError(f"the checkpoint in {workdir} was written by an incompatible config; differing keys:\n  "
                      + "\n  ".join(diffs))

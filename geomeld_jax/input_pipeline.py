@@ -46,15 +46,9 @@ class DatasetFiles:
     return self.root / "manifest.json"
 
 
-# data_prep.writer builds into "<version>.incomplete-<id>" and renames it when whole; a
-# committed dataset has both of these files (writer.COMPLETION_FILES).
-_INCOMPLETE_MARKER = ".incomplete-"
-_COMPLETION_FILES = ("dataset_info.json", "manifest.json")
-
-
 def _is_built(d: pathlib.Path) -> bool:
-  return (_INCOMPLETE_MARKER not in d.name and (d / "statistics.json").is_file()
-          and all((d / f).is_file() for f in _COMPLETION_FILES))
+  return (records.INCOMPLETE_MARKER not in d.name and (d / "statistics.json").is_file()
+          and all((d / f).is_file() for f in records.COMPLETION_FILES))
 
 
 def _version_key(d: pathlib.Path) -> tuple:

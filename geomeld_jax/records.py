@@ -29,6 +29,12 @@ from geomeld_jax import modalities as mod
 
 RECORD_VERSION = "1.0.0"
 
+# A dataset directory (data_prep.writer writes it, the input pipeline finds it) is built as
+# "<version>.incomplete-<id>" and renamed into place when whole; these files, written last,
+# mark it complete.
+INCOMPLETE_MARKER = ".incomplete-"
+COMPLETION_FILES = ("dataset_info.json", "manifest.json")
+
 SCALAR_TEXT_FIELDS = ("tile_id", "source", "date", "terrain_class", "metadata_json", "block_id",
                       "caption_provenance")
 SCALAR_FLOAT_FIELDS = ("lat", "lon", "water_percentage")
