@@ -191,7 +191,7 @@ def read_geotiff(path: str) -> tuple[np.ndarray, GeoRef | None, float | None]:
     page = tif.pages[0]
     data = page.asarray()
     tags = {t.code: t.value for t in page.tags.values()}
-    keys = (tif.geotiff_metadata or {}) if tif.is_geotiff else {}
+    georef = georef_of(tif)
   if data.ndim == 3 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim != 2:
@@ -202,15 +202,27 @@ def read_geotiff(path: str) -> tuple[np.ndarray, GeoRef | None, float | None]:
       nodata = float(str(tags[GDAL_NODATA_TAG]).strip().rstrip("\x00"))
     except ValueError:
       raise ValueError(f"{path}: unreadable GDAL no-data tag {tags[GDAL_NODATA_TAG]!r}") from None
+  return data, georef, nodata
+
+
+def georef_of(tif: tifffile.TiffFile) -> GeoRef | None:
+  """The georeference of an open GeoTIFF's first page; None when its tags are absent.
+
+  The EPSG code is the projected CRS when there is one: a projected WGS84 file (UTM) also
+  carries ``GeographicTypeGeoKey=4326`` for its datum, and reading that as the CRS would take
+  metres for degrees.
+  """
+  tags = {t.code: t.value for t in tif.pages[0].tags.values()}
   scale, tie = tags.get(33550), tags.get(33922)
   if not scale or not tie:
-    return data, None, nodata
+    return None
+  keys = (tif.geotiff_metadata or {}) if tif.is_geotiff else {}
   epsg = keys.get("ProjectedCSTypeGeoKey") or keys.get("GeographicTypeGeoKey")
   epsg = int(epsg) if epsg is not None else None
   # Tiepoint (i, j, k, x, y, z): raster (i, j) sits at map (x, y); PixelIsArea (the default).
   ulx = float(tie[3]) - float(tie[0]) * float(scale[0])
   uly = float(tie[4]) + float(tie[1]) * float(scale[1])
-  return data, GeoRef(ulx, uly, float(scale[0]), float(scale[1]), epsg), nodata
+  return GeoRef(ulx, uly, float(scale[0]), float(scale[1]), epsg)
 
 
 _S2_RE = re.compile(r"(?:^|[_\-.\s])B(8A|\d{1,2})$", re.IGNORECASE)

@@ -39,19 +39,18 @@ from geomeld_jax.evaluation import probe
 _DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
 
 
-def _tile_meta(path: pathlib.Path, tif) -> tuple[float, float, str]:
+def _tile_meta(path: pathlib.Path, tif, height: int, width: int) -> tuple[float, float, str]:
+  """(lat, lon) of the tile's centre (NaN without a georeference in WGS84 UTM or EPSG:4326) and
+  the date in its file name ('' without one)."""
+  from data_prep.sources import raster  # pylint: disable=g-import-not-at-top
+
   lat = lon = float("nan")
-  tags = tif.pages[0].tags
-  geokeys = tif.geotiff_metadata if hasattr(tif, "geotiff_metadata") else None
-  if geokeys and geokeys.get("GeographicTypeGeoKey") in (4326, "4326") or (
-      geokeys and str(geokeys.get("GeographicTypeGeoKey", "")).endswith("WGS_84")):
-    tie = tags.get("ModelTiepointTag")
-    scale = tags.get("ModelPixelScaleTag")
-    if tie is not None and scale is not None:
-      h, w = tif.pages[0].shape[:2] if tif.pages[0].shape[-1] == mod.SENTINEL2.num_bands else \
-          tif.pages[0].shape[1:3]
-      lon = float(tie.value[3] + scale.value[0] * w / 2)
-      lat = float(tie.value[4] - scale.value[1] * h / 2)
+  georef = raster.georef_of(tif)
+  if georef is not None:
+    centre = raster.epsg_to_latlon(georef.epsg, georef.ulx + georef.res_x * width / 2,
+                                   georef.uly - georef.res_y * height / 2)
+    if centre is not None:
+      lat, lon = centre
   m = _DATE.search(path.stem)
   date = f"{m[1]}-{m[2]}-{m[3]}" if m else ""
   return lat, lon, date
@@ -71,11 +70,11 @@ def read_tiles(tiles_dir: str | pathlib.Path, statistics: str | pathlib.Path
   for p in paths:
     with tifffile.TiffFile(p) as tif:
       a = tif.asarray()
-      lat, lon, date = _tile_meta(p, tif)
-    if a.ndim == 3 and a.shape[0] == c and a.shape[-1] != c:
-      a = np.moveaxis(a, 0, -1)
-    if a.ndim != 3 or a.shape[-1] != c:
-      raise ValueError(f"{p}: expected a {c}-band tile (H, W, {c}) or ({c}, H, W), got {a.shape}")
+      if a.ndim == 3 and a.shape[0] == c and a.shape[-1] != c:
+        a = np.moveaxis(a, 0, -1)
+      if a.ndim != 3 or a.shape[-1] != c:
+        raise ValueError(f"{p}: expected a {c}-band tile (H, W, {c}) or ({c}, H, W), got {a.shape}")
+      lat, lon, date = _tile_meta(p, tif, a.shape[0], a.shape[1])
     stored, _ = mod.to_storage(mod.SENTINEL2, a.astype(np.float64))
     x, v = normalizer.normalize(mod.INPUT_MODALITY, stored)
     yield x, v, p.stem, lat, lon, date

@@ -1,8 +1,8 @@
 """Fine-tuning on GEO-Bench: classification / multi-label heads and a U-Net segmentation decoder.
 
 MMEarth protocol (mmearth_peer.md §3.2): AdamW (no decay on norms and biases), layer-wise lr
-decay 0.9 with ConvNeXt's "single" layer ids (stem 0, stages 1-2 -> 1-2, stage 3 split in
-blocks of three, stage 4 and last downsampler 12, head 13), drop path 0.1, cosine per step to
+decay 0.9 with ConvNeXt's "single" layer ids (one id per block, see `encoder_layer_id`), drop
+path 0.1 (classification and segmentation), cosine per step to
 min_lr, label smoothing 0.2 (smoothed CE; BCE with targets 1-s / s for multi-label), no
 augmentation. Segmentation: a U-Net decoder (nearest x2 upsampling, 3x3 conv + LN + GELU,
 skips from every encoder stage), plain CE with every class, the encoder frozen for the first
@@ -26,8 +26,6 @@ from geomeld_jax.evaluation import metrics
 from geomeld_jax.evaluation import probe
 from geomeld_jax.models import convnextv2
 
-NUM_LAYERS = 12  # ConvNeXt's layer-decay depth for the "single" rule
-
 
 def with_drop_path(encoder: convnextv2.ConvNeXtV2, drop_path: float,
                    seed: int = 0) -> convnextv2.ConvNeXtV2:
@@ -40,22 +38,24 @@ def with_drop_path(encoder: convnextv2.ConvNeXtV2, drop_path: float,
   return new
 
 
-def encoder_layer_id(path: tuple[Any, ...]) -> int:
-  """ConvNeXt `get_num_layer_for_convnext_single` on a ConvNeXtV2 param path."""
+def encoder_layer_id(path: tuple[Any, ...], depths: tuple[int, ...]) -> int:
+  """MMEarth's layer id for a ConvNeXtV2 param path (`layer_decay_type 'single'`).
+
+  ConvNeXt-V2 `get_num_layer_for_convnext_single` with MMEarth's module names: block b of stage s
+  is ``sum(depths[:s]) + b + 1``; the downsampler into stage s (MMEarth's ``downsample_layers[s-1]``)
+  is ``sum(depths[:s-1]) + 1``; anything else gets ``sum(depths) + 1``, the head's id. That
+  includes the stem: MMEarth calls it ``initial_conv``/``stem``, which the rule does not match, so
+  the published fine-tuning runs trained the stem at the full lr. We keep that to reproduce them.
+  """
   keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
   head = keys[0]
   if str(head).startswith("stem"):
-    return 0
+    return sum(depths) + 1
   if head in ("downsample_norms", "downsample_convs"):
-    stage = int(keys[1]) + 1
-    return {1: 2, 2: 3}.get(stage, NUM_LAYERS)
+    return sum(depths[:int(keys[1])]) + 1
   if head == "stages":
     stage, block = int(keys[1]), int(keys[2])
-    if stage in (0, 1):
-      return stage + 1
-    if stage == 2:
-      return 3 + block // 3
-    return NUM_LAYERS
+    return sum(depths[:stage]) + block + 1
   raise ValueError(f"unknown encoder parameter path {keys}")
 
 
@@ -139,7 +139,7 @@ class FinetuneConfig:
 
 def build_task_model(encoder: convnextv2.ConvNeXtV2, kind: str, num_classes: int,
                      cfg: FinetuneConfig, seed: int = 0) -> TaskModel:
-  enc = with_drop_path(encoder, cfg.drop_path if kind != "segmentation" else 0.0, seed)
+  enc = with_drop_path(encoder, cfg.drop_path, seed)
   rngs = nnx.Rngs(seed + 1)
   if kind == "segmentation":
     head = UNetHead(enc.dims, enc.stride, num_classes, cfg.decoder_width, rngs=rngs)
@@ -152,13 +152,14 @@ def _top_key(path) -> str:
   return getattr(path[0], "key", path[0])
 
 
-def lr_scales(params: nnx.State, layer_decay: float) -> Any:
-  """Per-parameter lr multiplier: layer_decay ** (13 - layer id) in the encoder, 1 in the head."""
+def lr_scales(params: nnx.State, layer_decay: float, depths: tuple[int, ...]) -> Any:
+  """Per-parameter lr multiplier: layer_decay ** (sum(depths) + 1 - layer id); the head's is 1."""
+  head_id = sum(depths) + 1
 
   def scale(path, leaf):
     if _top_key(path) != "encoder":
       return jnp.ones((), jnp.float32)
-    return jnp.asarray(layer_decay ** (NUM_LAYERS + 1 - encoder_layer_id(path[1:])), jnp.float32)
+    return jnp.asarray(layer_decay ** (head_id - encoder_layer_id(path[1:], depths)), jnp.float32)
 
   return jax.tree_util.tree_map_with_path(scale, params)
 
@@ -193,7 +194,7 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
   tx = optax.multi_transform({"encoder": encoder_tx, "head": adamw},
                              jax.tree_util.tree_map_with_path(lambda p, _: _top_key(p), params))
   opt_state = tx.init(params)
-  scales = lr_scales(params, cfg.layer_decay)
+  scales = lr_scales(params, cfg.layer_decay, model.encoder.depths)
 
   @jax.jit
   def step(params, opt_state, xb, yb, key, lr_t):

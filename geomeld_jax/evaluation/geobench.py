@@ -33,7 +33,6 @@ import dataclasses
 import datetime
 import io
 import json
-import logging
 import pathlib
 import pickle
 import re
@@ -673,7 +672,12 @@ class GeoBenchTask:
     valid = np.zeros(len(S2_BANDS), bool)
     # A dropped band's source file is dropped wherever it feeds: So2Sat fills B1 with a copy of
     # the blue band, so dropping B2 must empty B1 too, or the "without B2" row still sees blue.
-    dropped_sources = {layout[S2_BANDS.index(b)] for b in drop_bands} - {None}
+    # Dropping the copy (B1) leaves the real band (B2) in place.
+    def is_copy(b):
+      dup_of = self.duplicates.get(b)
+      return dup_of is not None and layout[S2_BANDS.index(b)] == layout[S2_BANDS.index(dup_of)]
+
+    dropped_sources = {layout[S2_BANDS.index(b)] for b in drop_bands if not is_copy(b)} - {None}
     for i, src in enumerate(layout):
       if src is None or S2_BANDS[i] in drop_bands or src in dropped_sources:
         continue
@@ -690,6 +694,7 @@ class GeoBenchTask:
 
   def iter_batches(self, split: str, batch_size: int, *, max_samples: int | None = None,
                    drop_bands: Sequence[str] = ()) -> Iterator[Split]:
+    self.check_stats_scale()
     names = self.split_names(split)[:max_samples]
     for start in range(0, len(names), batch_size):
       chunk = names[start:start + batch_size]
@@ -715,17 +720,25 @@ class GeoBenchTask:
         ratios.append(data_mean / stats_mean)
     return float(np.median(ratios)) if ratios else 1.0
 
+  def check_stats_scale(self) -> None:
+    """Raises when band_stats and the data differ by more than an order of magnitude.
+
+    Inputs off by 1e4 (a wrong m-so2sat divisor) carry no signal, and every score computed on
+    them would be noise; so this runs before any split is read, in every mode.
+    """
+    if self._scale_checked:
+      return
+    ratio = self.stats_scale_ratio()
+    if not 0.1 <= ratio <= 10.0:  # an order of magnitude: the check is for a 1e4 slip
+      raise GeoBenchFormatError(
+          f"{self.info.name}: the data's Sentinel-2 means are {ratio:.3g} x band_stats' (divided "
+          f"by {self.stats_divisor:g}), so the inputs would not be z-scored. If band_stats is in "
+          "the data's units, pass a divisor of 1 (config.so2sat_stats_divisor=1 for m-so2sat); "
+          "MMEarth's protocol divides by 1e4.")
+    self._scale_checked = True
+
   def load_split(self, split: str, *, max_samples: int | None = None,
                  drop_bands: Sequence[str] = ()) -> Split:
-    if split == "train" and not self._scale_checked:
-      self._scale_checked = True
-      ratio = self.stats_scale_ratio()
-      if not 0.1 <= ratio <= 10.0:  # an order of magnitude: the check is for a 1e4 slip
-        logging.warning(
-            "%s: the data's Sentinel-2 means are %.3g x band_stats' (divided by %g): the inputs "
-            "are not z-scored. If band_stats is in the data's units, pass a divisor of 1 "
-            "(config.so2sat_stats_divisor for m-so2sat); MMEarth's protocol divides by 1e4.",
-            self.info.name, ratio, self.stats_divisor)
     parts = list(self.iter_batches(split, 256, max_samples=max_samples, drop_bands=drop_bands))
     if not parts:
       raise GeoBenchFormatError(f"{self.dir}: split {split!r} of partition {self.partition!r} is empty")

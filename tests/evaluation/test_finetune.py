@@ -16,16 +16,26 @@ CFG = finetune.FinetuneConfig.from_config({
         seg_batch_size=4, decoder_width=16)})
 
 
-def test_layer_ids_follow_convnext_single_rule(tiny_encoder):
+def test_layer_ids_follow_mmearth_single_rule(tiny_encoder):
+  depths = tiny_encoder.depths
   params = nnx.state(tiny_encoder, nnx.Param)
   ids = {}
   for path, _ in __import__("jax").tree_util.tree_flatten_with_path(params)[0]:
     keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-    ids[keys[:3]] = finetune.encoder_layer_id(path)
-  assert ids[next(k for k in ids if k[0] == "stem_conv")] == 0
-  assert ids[("stages", 0, 0)] == 1 and ids[("stages", 1, 1)] == 2
-  assert ids[("stages", 2, 0)] == 3 and ids[("stages", 2, 5)] == 4
-  assert ids[("stages", 3, 0)] == 12 and ids[next(k for k in ids if k[:2] == ("downsample_convs", 2))] == 12
+    ids[keys[:3]] = finetune.encoder_layer_id(path, depths)
+  head_id = sum(depths) + 1
+  # One id per block, counted through the stages; a downsampler shares its next stage's first id.
+  for s, depth in enumerate(depths):
+    for b in range(depth):
+      assert ids[("stages", s, b)] == sum(depths[:s]) + b + 1
+  for i in range(len(depths) - 1):
+    downsampler = [v for k, v in ids.items() if k[0].startswith("downsample") and k[1] == i]
+    assert downsampler and set(downsampler) == {sum(depths[:i]) + 1}
+  # MMEarth's stem modules match no rule and fall to the head's id (lr scale 1).
+  assert {v for k, v in ids.items() if k[0].startswith("stem")} == {head_id}
+  scales = finetune.lr_scales(nnx.State({"encoder": params}), 0.9, depths)
+  block = scales["encoder"]["stages"][len(depths) - 1][depths[-1] - 1]
+  assert np.isclose(float(__import__("jax").tree.leaves(block)[0]), 0.9)
 
 
 def _split(n, seg, seed):
@@ -67,15 +77,16 @@ def test_unfrozen_encoder_takes_a_fresh_adam_step(tiny_encoder):
   """
   cfg = dataclasses.replace(CFG, drop_path=0.0)
   model = finetune.build_task_model(tiny_encoder, "segmentation", 2, cfg)
-  bias_before = np.asarray(model.encoder.stem_conv.bias[...]).copy()
+  bias_before = np.asarray(model.encoder.downsample_convs[0].bias[...]).copy()
   s = _split(4, True, 2)
   lr = 1e-2
   finetune.train(model, s.x, s.y, kind="segmentation", num_classes=2, lr=lr, epochs=2,
                  batch_size=4, cfg=cfg, freeze_epochs=1)
-  step = np.abs(np.asarray(model.encoder.stem_conv.bias[...]) - bias_before)
-  scales = finetune.lr_scales(nnx.state(model, nnx.Param), cfg.layer_decay)
-  expected = float(probe.cosine_lr(lr, cfg.min_lr, 1, 2)) * float(scales["encoder"]["stem_conv"]["bias"])
-  assert expected > 0
+  step = np.abs(np.asarray(model.encoder.downsample_convs[0].bias[...]) - bias_before)
+  scales = finetune.lr_scales(nnx.state(model, nnx.Param), cfg.layer_decay, tiny_encoder.depths)
+  scale = float(scales["encoder"]["downsample_convs"][0]["bias"])
+  assert 0 < scale < 1  # a layer-decayed parameter
+  expected = float(probe.cosine_lr(lr, cfg.min_lr, 1, 2)) * scale
   np.testing.assert_allclose(np.median(step / expected), 1.0, rtol=1e-3)
   assert np.mean(np.abs(step / expected - 1.0) < 1e-2) > 0.9, step / expected
 

@@ -3,7 +3,6 @@
 import ast
 import datetime
 import json
-import logging
 import pickle
 
 import h5py
@@ -125,7 +124,7 @@ def test_malicious_pickle_is_rejected_naming_file_and_class(tmp_path):
     gb.decode_pickle_attr(str(builtins_eval), "g.hdf5")
 
 
-def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path, caplog):
+def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path):
   labs = [np.eye(43, dtype=np.int64)[i] for i in (0, 1, 2, 3)]
   d = _write_task(tmp_path, "m-bigearthnet", _bigearthnet_sample, labs)
   (d / "label_stats.json").write_text(json.dumps({f"id_{i:04d}": l.tolist() for i, l in enumerate(labs)}))
@@ -143,7 +142,7 @@ def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path, caplog):
     assert p["valid"] == ["id_0002"] and len(p["train"]) >= 1
 
   _write_task(tmp_path, "m-so2sat", _so2sat_sample, [3, 7, 11, 16])
-  so2 = gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1.0)
+  so2 = gb.GeoBenchTask(tmp_path, "m-so2sat")  # MMEarth's divisor: band_stats are x1e4 the data
   s = so2.load_split("train")
   assert s.y.tolist() == [3, 7] and s.x.shape == (2, 32, 32, 12)
   # Duplicates as MMEarth: B1 <- B2, B9 <- B8A; every band valid.
@@ -158,17 +157,21 @@ def test_bigearthnet_and_so2sat_tasks_read_back(tmp_path, caplog):
   x, valid = so2.to_model_input(so2.read_sample(so2.split_names("test")[0]), drop_bands=("B2",))
   assert not valid[S2.index("B1")] and not valid[S2.index("B2")] and valid[S2.index("B3")]
   assert np.all(x[..., S2.index("B1")] == 0) and np.all(x[..., S2.index("B2")] == 0)
+  # Dropping the copy (B1) leaves the real blue band (B2) it copies.
+  sample = so2.read_sample(so2.split_names("test")[0])
+  x, valid = so2.to_model_input(sample, drop_bands=("B1",))
+  assert not valid[S2.index("B1")] and valid[S2.index("B2")]
+  np.testing.assert_array_equal(x[..., S2.index("B2")], so2.to_model_input(sample)[0][..., S2.index("B2")])
   # The stats-scale check: fixture band_stats (mean 100) are x1e4 the data (0.01..0.1), as
-  # MMEarth assumes; with a divisor of 1 the check says the inputs are not z-scored.
+  # MMEarth assumes; with a divisor of 1 the inputs would not be z-scored, and every path that
+  # reads a split refuses: the fine-tune path (load_split) and the probe path (iter_batches).
   assert 0.1 <= gb.GeoBenchTask(tmp_path, "m-so2sat").stats_scale_ratio() <= 10
   unscaled = gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1.0)
   assert unscaled.stats_scale_ratio() < 1e-3
-  with caplog.at_level(logging.WARNING):
+  with pytest.raises(gb.GeoBenchFormatError, match="not be z-scored"):
     unscaled.load_split("train")
-  assert "not z-scored" in caplog.text
-  # so2sat stats scale is an explicit option: MMEarth's 1e4 divisor changes the inputs.
-  scaled = gb.GeoBenchTask(tmp_path, "m-so2sat").load_split("test")
-  assert not np.allclose(scaled.x, gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1).load_split("test").x)
+  with pytest.raises(gb.GeoBenchFormatError, match="so2sat_stats_divisor=1"):
+    next(gb.GeoBenchTask(tmp_path, "m-so2sat", stats_divisor=1.0).iter_batches("test", 4))
 
 
 def _seg_sample(path, label, dated):

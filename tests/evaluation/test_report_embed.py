@@ -89,3 +89,22 @@ def test_embed_geotiff_tiles_to_npy_and_parquet(tmp_path, tiny_encoder):
   single, _ = embed.embed(tiny_encoder, embed.read_tiles(tiles, tmp_path / "statistics.json"),
                           batch_size=1)
   np.testing.assert_allclose(single, emb, rtol=1e-4, atol=1e-5)
+
+
+def test_geotiff_tile_centre_uses_the_projected_crs(tmp_path):
+  """A UTM file also names its WGS84 datum (GeographicTypeGeoKey=4326): metres stay metres."""
+  import tifffile
+
+  from data_prep.sources import raster
+
+  geokeys = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 2048, 0, 1, 4326, 3072, 0, 1, 32633)
+  path = tmp_path / "utm_20210601.tif"
+  tifffile.imwrite(path, np.zeros((32, 32, 12), np.uint16), extratags=[
+      (33550, "d", 3, (10.0, 10.0, 0.0), False),
+      (33922, "d", 6, (0.0, 0.0, 0.0, 500000.0, 5000000.0, 0.0), False),
+      (34735, "H", len(geokeys), geokeys, False)])
+  with tifffile.TiffFile(path) as tif:
+    lat, lon, date = embed._tile_meta(path, tif, 32, 32)  # pylint: disable=protected-access
+  expected = raster.utm_to_latlon(500000.0 + 160.0, 5000000.0 - 160.0, 33)
+  np.testing.assert_allclose((lat, lon), expected, atol=1e-9)
+  assert 45.0 < lat < 45.2 and 15.0 < lon < 15.01 and date == "2021-06-01"
