@@ -162,10 +162,16 @@ class ReadEncodeFn(beam.DoFn):
   def process(self, element: tuple[str, str]) -> Iterator[Any]:
     spec, unit = element
     read = rejected = 0
-    for item in self._source(spec).read(unit):
+    for item in _guarded(self._source(spec).read(unit), spec, unit):
       read += 1
       self._tick()
-      out = self._encode(item, spec, unit)
+      if not isinstance(item, (RawSample, Rejection)):  # a source bug, not bad data
+        raise TypeError(f"source {spec!r} unit {unit!r} yielded {type(item).__name__}, "
+                        "expected RawSample or Rejection")
+      try:
+        out = self._encode(item, spec, unit)
+      except Exception as e:  # pylint: disable=broad-except  # one bad tile must not fail the job
+        out = Rejection(item.source, item.tile_id, "encode_error", f"{type(e).__name__}: {e}")
       if isinstance(out, Rejection):
         rejected += 1
         yield beam.pvalue.TaggedOutput("rejected", out.to_json())
@@ -181,12 +187,10 @@ class ReadEncodeFn(beam.DoFn):
       rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
       logging.info("read+encode: %d samples on this worker, %.1f samples/s", self._seen, rate)
 
-  def _encode(self, item, spec: str, unit: str) -> Rejection | tuple[int, tuple]:
+  def _encode(self, item: RawSample | Rejection, spec: str, unit: str
+              ) -> Rejection | tuple[int, tuple]:
     if isinstance(item, Rejection):
       return item
-    if not isinstance(item, RawSample):
-      raise TypeError(f"source {spec!r} unit {unit!r} yielded {type(item).__name__}, "
-                      "expected RawSample or Rejection")
     result = validate.to_example(item)
     if isinstance(result, Rejection):
       return result
@@ -211,6 +215,31 @@ class ReadEncodeFn(beam.DoFn):
              json.dumps(counters, sort_keys=True),
              json.dumps(list(example["captions"]), ensure_ascii=False))
     return shard_of(tile_id, self._num_shards), value
+
+
+# Dead-letter reasons for exceptions no check anticipated (`_guarded`, `ReadEncodeFn`).
+UNEXPECTED_ERRORS = frozenset({"unreadable_unit", "encode_error"})
+
+
+def _guarded(items: Iterator[Any], spec: str, unit: str) -> Iterator[Any]:
+  """A source's items; an exception while reading ends the unit with one dead letter.
+
+  On Dataflow a deterministic exception fails the bundle on every retry and then the whole
+  job, so an unreadable file (a corrupt GeoTIFF, a missing label file) becomes a dead letter
+  that stands for the rest of its unit, with how far the read got.
+  """
+  count = 0
+  while True:
+    try:
+      item = next(items)
+    except StopIteration:
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      yield Rejection(f"{spec}|{unit}", "", "unreadable_unit",
+                      f"{type(e).__name__}: {e} (after {count} items; the rest of the unit is unread)")
+      return
+    count += 1
+    yield item
 
 
 def unlocated_block_id(spec: str, unit: str) -> str:
@@ -456,6 +485,10 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
   writer.write_bytes(writer.join(tmp_dir, "dead_letters.jsonl"),
                      "".join(line + "\n" for line in rejections).encode("utf-8"))
   by_reason = collections.Counter(json.loads(line)["reason"] for line in rejections)
+  for reason in UNEXPECTED_ERRORS & set(by_reason):  # a bug or an input no check anticipated
+    first = next(json.loads(line) for line in rejections if json.loads(line)["reason"] == reason)
+    logging.warning("%d dead letters are %r (see dead_letters.jsonl), e.g. %s: %s",
+                    by_reason[reason], reason, first["source"], first["detail"])
 
   units = [json.loads(line) for line in writer.read_lines(writer.join(parts_dir, "units*"))]
   shard_totals = [json.loads(line)

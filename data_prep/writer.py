@@ -68,7 +68,10 @@ def read_lines(pattern: str) -> list[str]:
   lines: list[str] = []
   for result in FileSystems.match([pattern]):
     for metadata in sorted(result.metadata_list, key=lambda m: m.path):
-      lines.extend(read_bytes(metadata.path).decode("utf-8").splitlines())
+      # "\n" only, as WriteToText writes: str.splitlines() also splits at U+2028, U+0085 ...,
+      # which JSON leaves unescaped inside a caption.
+      text = read_bytes(metadata.path).decode("utf-8")
+      lines.extend(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else [])
   return lines
 
 

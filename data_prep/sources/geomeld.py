@@ -86,7 +86,11 @@ class GeoMeldReleaseSource:
     try:
       with tarfile.open(unit, mode="r|*") as tar:
         for member in tar:
-          if not member.isfile():
+          if member.isdir():
+            continue
+          if not member.isfile():  # links, devices: their content is not in this member
+            yield Rejection(f"{provenance}:{member.name}", "", "unexpected_member",
+                            f"{member.name} is not a regular file (tar type {member.type!r})")
             continue
           current = member.name
           data = tar.extractfile(member).read()
@@ -113,7 +117,7 @@ class GeoMeldReleaseSource:
     try:
       with h5:
         return _sample_from_h5(h5, source, stem)
-    except (OSError, KeyError, ValueError) as e:  # a damaged dataset inside a valid header
+    except Exception as e:  # pylint: disable=broad-except  # damaged or mis-shaped content
       return Rejection(source, "", "corrupt_h5", f"{member_name}: {type(e).__name__}: {e}")
 
 

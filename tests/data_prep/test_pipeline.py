@@ -235,3 +235,46 @@ def test_unlocated_tiles_keep_their_split_whatever_path_reaches_them():
       ("bigearthnet:./data/ben/", "./data/ben/S2A_patch_1/"))}
   assert len(same) == 1
   assert pipeline.unlocated_block_id("bigearthnet:data/ben", "data/ben/S2A_patch_2") not in same
+
+
+def test_read_lines_splits_at_newlines_only(tmp_path):
+  """JSON leaves U+2028/U+2029/U+0085 unescaped in a caption; str.splitlines() would cut there."""
+  captions = ["a field\u2028by a road", "water\x85 and trees", "plain"]
+  (tmp_path / "captions-00000-of-00001").write_text(
+      "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions), encoding="utf-8")
+  lines = writer.read_lines(str(tmp_path / "captions*"))
+  assert [json.loads(line) for line in lines] == captions
+
+
+def test_a_unit_that_raises_becomes_a_dead_letter_not_a_failed_job(monkeypatch):
+  from data_prep.sources.base import RawSample  # pylint: disable=g-import-not-at-top
+
+  good = RawSample("t1", "x:u:t1", {}, {"tile_id": "t1"})
+  crash_in_encode = RawSample("t2", "x:u:t2", {}, {"tile_id": "t2"})
+
+  def read(unit):
+    yield good
+    yield crash_in_encode
+    raise IndexError("index 0 out of range(0)")  # e.g. tifffile on a truncated GeoTIFF
+
+  fn = pipeline.ReadEncodeFn(SPLIT_CONFIG, "passthrough", num_shards=1, log_every=0)
+  fn.setup()
+  fn._sources["raster:/scenes/*"] = type("S", (), {"read": staticmethod(read)})()  # pylint: disable=protected-access
+
+  def encode(item, spec, unit):
+    if not isinstance(item, RawSample):
+      return item  # a Rejection passes through, as in ReadEncodeFn._encode
+    if item is crash_in_encode:
+      raise ValueError("an input no check anticipated")
+    return 0, ("t1",)
+
+  monkeypatch.setattr(fn, "_encode", encode)
+  out = list(fn.process(("raster:/scenes/*", "/scenes/a")))
+  rejected = [json.loads(o.value) for o in out if getattr(o, "tag", None) == "rejected"]
+  units = [json.loads(o.value) for o in out if getattr(o, "tag", None) == "units"]
+  assert [r["reason"] for r in rejected] == ["encode_error", "unreadable_unit"]
+  assert rejected[0]["tile_id"] == "t2" and "ValueError" in rejected[0]["detail"]
+  assert "IndexError" in rejected[1]["detail"] and "after 2 items" in rejected[1]["detail"]
+  # The counts reconcile: 3 items read (2 samples + the unit's unread rest), 1 emitted.
+  assert units == [{"source": "raster:/scenes/*", "unit": "/scenes/a", "read": 3, "emitted": 1,
+                    "rejected": 2}]

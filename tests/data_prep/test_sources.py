@@ -95,6 +95,25 @@ def test_release_member_variants(tmp_path):
   assert bad.reason == "wrong_shape" and txt.reason == "unexpected_member"
 
 
+def test_links_and_mis_shaped_members_are_dead_letters(tmp_path):
+  good = synthetic.generate_sample(6, 0)
+  good_bytes = synthetic.sample_h5_bytes(good["datasets"], good["metadata"])
+  grouped = io.BytesIO()  # 'sentinel2' written as a group, not a dataset
+  with h5py.File(grouped, "w") as f:
+    f.create_group("sentinel2")
+    f.create_dataset("metadata", data=json.dumps(dict(good["metadata"], tile_id="g")))
+  path = tmp_path / "links.tar"
+  _write_tar(path, [("a.h5", good_bytes), ("grouped.h5", grouped.getvalue())])
+  with tarfile.open(path, "a") as tar:  # a hard link: its bytes live in a.h5
+    link = tarfile.TarInfo("b.h5")
+    link.type, link.linkname = tarfile.LNKTYPE, "a.h5"
+    tar.addfile(link)
+  a, grouped_item, b = _items(geomeld.GeoMeldReleaseSource(str(path)))
+  assert isinstance(a, RawSample)
+  assert grouped_item.reason == "corrupt_h5" and "grouped.h5" in grouped_item.detail
+  assert b.reason == "unexpected_member" and "not a regular file" in b.detail
+
+
 def test_bad_shards_give_the_expected_dead_letters(tmp_path):
   expected = synthetic.write_bad_shards(str(tmp_path))
   reasons = collections.Counter()
