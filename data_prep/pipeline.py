@@ -203,7 +203,7 @@ class ReadEncodeFn(beam.DoFn):
     if math.isfinite(lat) and math.isfinite(lon):
       assignment = splits.assign(lat, lon, self._split_config)
     else:
-      bid = unlocated_block_id(spec, unit)
+      bid = unlocated_block_id(spec, item.metadata.get("split_group") or unit)
       assignment = splits.Assignment(bid, splits.split_of_block(bid, self._split_config))
     example["block_id"] = assignment.block_id
     if assignment.split == splits.BUFFER:
@@ -242,11 +242,15 @@ def _guarded(items: Iterator[Any], spec: str, unit: str) -> Iterator[Any]:
     yield item
 
 
-def unlocated_block_id(spec: str, unit: str) -> str:
-  """The split block of a tile with no location: its whole unit (a scene, a shard), keyed by
-  the source scheme and the unit's file or folder name, so the same data reached by another
-  path (relative, absolute, another mount) lands in the same split."""
-  key = f"{spec.split(':', 1)[0]}|{pathlib.PurePath(unit).name}"
+def unlocated_block_id(spec: str, group: str) -> str:
+  """The split block of a tile with no location.
+
+  `group` is the source's ``metadata['split_group']`` when it names one (tiles that must share
+  a split, e.g. the patches of one BigEarthNet product), else the tile's unit (a scene, a
+  shard). It is keyed by the source scheme and the group's last path part, so the same data
+  reached by another path (relative, absolute, another mount) lands in the same split.
+  """
+  key = f"{spec.split(':', 1)[0]}|{pathlib.PurePath(group).name}"
   return "unlocated:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -594,6 +594,11 @@ class BigEarthNetSource:
   ascending and 0-12 h descending (local solar time = UTC + longitude / 15). The ConfigILM
   mock keeps neither time nor location: its VV/VH go to the ascending slots and the
   metadata says ``s1_orbit: 'unknown'``. Either way only two of the eight S1 bands are valid.
+
+  Splits: the GeoTIFF patches carry coordinates and are split by spatial block like any tile.
+  The mock's patches do not, so each gets ``metadata['split_group']`` = its S2 product and a
+  product's patches share a split. Two products of one place on different dates can still
+  land in different splits (the names keep no MGRS tile).
   """
 
   name = "bigearthnet"
@@ -675,6 +680,9 @@ class BigEarthNetSource:
         "bigearthnet_patch": name, "lat": None, "long": None,
         "location_unknown": "the ConfigILM BigEarthNet encoding keeps no coordinates",
         "acquisition_date": _date_from_patch_name(name), "s1_orbit": "unknown",
+        # Without coordinates, neighbouring patches of one product would otherwise fall into
+        # different splits; the product is the smallest group known to hold them all.
+        "split_group": bigearthnet_product(name),
     }
     labels = self._mock_labels(path).get(name)
     if labels:
@@ -688,6 +696,12 @@ class BigEarthNetSource:
       labels_file = npz_path.parent.parent / "labels.json"
       self._labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
     return self._labels
+
+
+def bigearthnet_product(patch_name: str) -> str:
+  """The S2 product of a BigEarthNet patch name (``<product>_<row>_<col>``)."""
+  m = re.fullmatch(r"(.+)_\d+_\d+", patch_name)
+  return m.group(1) if m else patch_name
 
 
 def _ben_centre(info: dict[str, Any]) -> tuple[float, float] | None:

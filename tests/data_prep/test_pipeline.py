@@ -14,6 +14,7 @@ from data_prep import splits
 from data_prep import stats
 from data_prep import synthetic
 from data_prep import writer
+from data_prep.sources import raster
 from geomeld_jax import modalities as mod
 from geomeld_jax import records
 
@@ -235,6 +236,10 @@ def test_unlocated_tiles_keep_their_split_whatever_path_reaches_them():
       ("bigearthnet:./data/ben/", "./data/ben/S2A_patch_1/"))}
   assert len(same) == 1
   assert pipeline.unlocated_block_id("bigearthnet:data/ben", "data/ben/S2A_patch_2") not in same
+  # A source's split group (BigEarthNet: the product) puts neighbouring patches together.
+  group = raster.bigearthnet_product
+  assert group("S2B_MSIL2A_20170906T101019_27_42") == group("S2B_MSIL2A_20170906T101019_27_43")
+  assert group("S2B_MSIL2A_20170906T101019_27_42") == "S2B_MSIL2A_20170906T101019"
 
 
 def test_read_lines_splits_at_newlines_only(tmp_path):

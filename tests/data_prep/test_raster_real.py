@@ -121,3 +121,8 @@ def test_bigearthnet_patches(shared_data):
   assert orbits["S2B_MSIL2A_20180515T094029_51_28"] == ("unknown", (0, 1))
   located = [e for _, e, _ in examples if np.isfinite(e["lat"])]
   assert len(located) == 6  # the GeoTIFF examples; the mock keeps no coordinates
+  # The mock's patches of one product share a split group (they have no location to split by).
+  groups = {raw.metadata["bigearthnet_patch"]: raw.metadata.get("split_group") for raw, _, _ in examples
+            if not np.isfinite(raw.metadata.get("lat") or np.nan)}
+  assert groups["S2B_MSIL2A_20180515T094029_51_28"] == "S2B_MSIL2A_20180515T094029"
+  assert len(set(groups.values())) < len(groups)  # some products hold several mock patches
