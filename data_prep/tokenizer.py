@@ -10,7 +10,9 @@ and deterministic for a given sentence list; callers sort the sentences first.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import unicodedata
 from typing import Iterable
 
 import sentencepiece as spm
@@ -21,6 +23,7 @@ UNK_ID = 2
 BOS_ID = -1  # no BOS piece (T5 convention)
 DEFAULT_VOCAB_SIZE = 8000
 MODEL_FILENAME = "tokenizer.model"
+RARE_CHARACTER_COVERAGE = 0.9995
 
 
 def train_tokenizer_bytes(sentences: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:
@@ -30,7 +33,23 @@ def train_tokenizer_bytes(sentences: Iterable[str], vocab_size: int = DEFAULT_VO
   sentences = [s.strip() for s in sentences if s and s.strip()]
   if not sentences:
     raise ValueError("cannot train a tokenizer on no sentences")
+  # Every character gets a piece when the alphabet fits the vocabulary; otherwise (place names
+  # in many scripts) the rarest 0.05% of characters become <unk>, SentencePiece's CJK default.
+  alphabet = len({c for s in sentences for c in unicodedata.normalize("NFKC", s).lower()} - {" "})
+  coverage = 1.0 if alphabet + 3 <= vocab_size else RARE_CHARACTER_COVERAGE
+  if coverage < 1.0:
+    logging.warning("the captions hold %d distinct characters, more than vocab_size %d allows: "
+                    "training with character_coverage %g", alphabet, vocab_size, coverage)
   model = io.BytesIO()
+  try:
+    _train(sentences, model, vocab_size, coverage)
+  except RuntimeError as e:
+    raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on captions with {alphabet} "
+                     f"distinct characters ({e}); raise vocab_size") from None
+  return model.getvalue()
+
+
+def _train(sentences: list[str], model: io.BytesIO, vocab_size: int, coverage: float) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences),
       model_writer=model,
@@ -45,11 +64,10 @@ def train_tokenizer_bytes(sentences: Iterable[str], vocab_size: int = DEFAULT_VO
       pad_piece="<pad>",
       eos_piece="</s>",
       unk_piece="<unk>",
-      character_coverage=1.0,
+      character_coverage=coverage,
       num_threads=1,  # one thread: the model is identical across machines
       minloglevel=2,
   )
-  return model.getvalue()
 
 
 def train_tokenizer(sentences: Iterable[str], output_path: str | os.PathLike,

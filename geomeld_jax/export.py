@@ -25,7 +25,6 @@ from etils import epath
 from flax import nnx
 
 from geomeld_jax import checkpointing
-from geomeld_jax import modalities as mod
 from geomeld_jax.models import convnextv2
 from geomeld_jax.models import geomeld
 
@@ -38,6 +37,15 @@ def _model_config_from_workdir(workdir: epath.Path) -> geomeld.GeoMeldFMConfig:
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: is {workdir} a geomeld_jax training workdir?")
   return geomeld.GeoMeldFMConfig.from_dict(json.loads(path.read_text())["model"])
+
+
+def _input_bands_of_run(workdir: epath.Path) -> list[str]:
+  """The encoder's input bands as the run fed them (recorded in the dataset fingerprint), not
+  as this code's registry lists them: evaluation checks them against its own order."""
+  path = workdir / checkpointing.DATASET_FILENAME
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: the run's input bands are unknown")
+  return list(json.loads(path.read_text())["input_bands"])
 
 
 def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> epath.Path:
@@ -83,7 +91,7 @@ def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> ep
     saver.save((out / name).resolve(), tree, force=True)
   saver.wait_until_finished()
   info = {"step": step, "model": dataclasses.asdict(mcfg),
-          "input_bands": list(mod.SENTINEL2.bands), "encoder_stride": mcfg.stride,
+          "input_bands": _input_bands_of_run(workdir), "encoder_stride": mcfg.stride,
           "encoders": sorted(trees)}
   if jax.process_index() == 0:  # the saves above are collective; this file is written once
     (out / "model_config.json").write_text(json.dumps(info, indent=2))
@@ -111,13 +119,16 @@ def load_encoder(export_dir: str | epath.PathLike, which: str = "encoder"
 def load_itc_model(export_dir: str | epath.PathLike) -> tuple[geomeld.GeoMeldFM, dict[str, Any]]:
   """A GeoMeldFM whose encoder and ITC towers come from an export (for retrieval/embedding).
 
-  Decoders and the JEPA predictor stay at their (unused) initial values.
+  Decoders and the JEPA predictor stay at their (unused) initial values. It computes in
+  float32, as `load_encoder` does, whatever the run trained in: every evaluation of an export
+  (GEO-Bench, retrieval, embeddings) sees the same numbers.
   """
   export_dir = epath.Path(export_dir)
   info = json.loads((export_dir / "model_config.json").read_text())
   if "itc" not in info["encoders"]:
     raise ValueError(f"{export_dir} was exported from a run without ITC: no text tower")
-  mcfg = geomeld.GeoMeldFMConfig.from_dict(info["model"])
+  mcfg = dataclasses.replace(geomeld.GeoMeldFMConfig.from_dict(info["model"]),
+                             compute_dtype="float32")
   model = geomeld.build(mcfg, jax.random.key(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   pure = nnx.to_pure_dict(params)

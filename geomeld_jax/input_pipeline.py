@@ -88,7 +88,8 @@ def locate_dataset(path: str | pathlib.Path, build_hint: str = "") -> DatasetFil
 
 
 def fingerprint(files: DatasetFiles) -> dict[str, Any]:
-  """What a saved iterator position depends on: split sizes, statistics and tokenizer.
+  """What a saved iterator position and the model's input depend on: split sizes, statistics,
+  tokenizer, and the input bands in the order this code feeds them (the export records them).
 
   Content, not path or build time: the same data moved or rebuilt keeps its fingerprint.
   """
@@ -99,7 +100,8 @@ def fingerprint(files: DatasetFiles) -> dict[str, Any]:
   return {"name": manifest["name"], "version": manifest["version"],
           "record_version": manifest["record_version"],
           "splits": {k: v for k, v in sorted(manifest["splits"].items())},
-          "statistics_sha256": digest(files.statistics), "tokenizer_sha256": digest(files.tokenizer)}
+          "statistics_sha256": digest(files.statistics), "tokenizer_sha256": digest(files.tokenizer),
+          "input_bands": list(mod.PIXEL_MODALITIES[mod.INPUT_MODALITY].bands)}
 
 
 class Tokenizer:

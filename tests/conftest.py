@@ -33,10 +33,18 @@ def shared_data() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def demo_dataset(tmp_path_factory) -> pathlib.Path:
-  """The embedded demo dataset (synthetic shards through the full Beam build), built once."""
-  from data_prep import demo
+def demo_dataset(tmp_path_factory, worker_id) -> pathlib.Path:
+  """The embedded demo dataset (synthetic shards through the full Beam build), built once per
+  test run: pytest-xdist workers share it; the first builds it under a lock, the others find
+  it complete (`build_demo` reuses a complete build)."""
+  import filelock  # pylint: disable=g-import-not-at-top
 
-  out = tmp_path_factory.mktemp("demo")
-  demo.build_demo(str(out), num_samples=512)
+  from data_prep import demo  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    root = root.parent  # the run's base temp folder, above each worker's own
+  out = root / "demo"
+  with filelock.FileLock(str(root / "demo.lock")):
+    demo.build_demo(str(out), num_samples=512)
   return out

@@ -146,6 +146,7 @@ def test_fingerprint_is_content_not_path(demo_dataset, tmp_path):
   moved = tmp_path / "moved"
   shutil.copytree(files.root, moved)
   assert input_pipeline.fingerprint(input_pipeline.DatasetFiles(moved)) == input_pipeline.fingerprint(files)
+  assert input_pipeline.fingerprint(files)["input_bands"] == list(mod.SENTINEL2.bands)
   stats = json.loads((moved / "statistics.json").read_text())
   stats["summary"]["num_records"] += 1
   (moved / "statistics.json").write_text(json.dumps(stats))

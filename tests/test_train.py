@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -106,7 +107,7 @@ def test_resume_continues_bit_for_bit(full_run, demo_dataset, tmp_path, monkeypa
     assert legs[step]["grad_norm"] == reference[step]["grad_norm"], step
 
 
-def test_export_loads_and_retrieval_runs(full_run):
+def test_export_loads_and_retrieval_runs(full_run, tmp_path):
   workdir, _ = full_run
   out = workdir / export.EXPORT_SUBDIR / str(TOTAL_STEPS)
   info = json.loads((out / "model_config.json").read_text())
@@ -114,6 +115,25 @@ def test_export_loads_and_retrieval_runs(full_run):
   encoder, _ = export.load_encoder(out)
   x = jnp.zeros((1, 32, 32, 12))
   assert encoder(x)[0].shape == (1, 4, 4, 320)
+  # The export records the input bands the run was fed (its dataset.json), not today's registry.
+  assert info["input_bands"] == json.loads((workdir / "dataset.json").read_text())["input_bands"]
+  renamed = tmp_path / "renamed_bands_run"
+  shutil.copytree(workdir, renamed, ignore=shutil.ignore_patterns(export.EXPORT_SUBDIR))
+  fingerprint = json.loads((renamed / "dataset.json").read_text())
+  fingerprint["input_bands"] = fingerprint["input_bands"][::-1]
+  (renamed / "dataset.json").write_text(json.dumps(fingerprint))
+  renamed_info = json.loads((export.export_encoder(renamed) / "model_config.json").read_text())
+  assert renamed_info["input_bands"] == fingerprint["input_bands"]
+  # Both loaders give the same float32 features, also for a run that trained in bfloat16.
+  bf16_export = tmp_path / "bf16_export"
+  shutil.copytree(out, bf16_export)
+  info["model"]["compute_dtype"] = "bfloat16"
+  (bf16_export / "model_config.json").write_text(json.dumps(info))
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 12))
+  itc_model, _ = export.load_itc_model(bf16_export)
+  features = itc_model.encoder(x)[0]
+  assert features.dtype == jnp.float32
+  np.testing.assert_allclose(features, export.load_encoder(bf16_export)[0](x)[0], rtol=1e-5, atol=1e-5)
   from geomeld_jax.evaluation import retrieval
 
   # The retrieval command's path: the run's export, dataset, crop and caption length.

@@ -12,7 +12,7 @@ from data_prep import pipeline
 from data_prep import splits
 from data_prep import synthetic
 from data_prep import tokenizer
-from data_prep import validate
+from data_prep import writer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -62,20 +62,17 @@ def test_overwrite_and_interrupted_builds(tmp_path, shards, monkeypatch):
   with pytest.raises(FileExistsError, match="--overwrite"):
     pipeline.run_build(_config(shards, out))
 
-  # A failure inside the Beam pipeline: nothing new appears, the old dataset is untouched.
-  calls = {"n": 0}
-  real = validate.to_example
+  # A failure inside the Beam pipeline (a shard write: a bad tile would only be a dead letter):
+  # nothing new appears, the old dataset is untouched.
+  real = writer.write_records
 
-  def flaky(raw):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      raise RuntimeError("simulated worker crash")
-    return real(raw)
+  def full_disk(*args, **kwargs):
+    raise OSError("simulated full disk")
 
-  monkeypatch.setattr(validate, "to_example", flaky)
-  with pytest.raises(Exception, match="simulated worker crash"):
+  monkeypatch.setattr(writer, "write_records", full_disk)
+  with pytest.raises(Exception, match="simulated full disk"):
     pipeline.run_build(_config(shards, out, overwrite=True))
-  monkeypatch.setattr(validate, "to_example", real)
+  monkeypatch.setattr(writer, "write_records", real)
   assert (final / "manifest.json").read_bytes() == before
   assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
 

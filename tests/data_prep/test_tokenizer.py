@@ -50,3 +50,15 @@ def test_small_corpus_and_determinism(tmp_path):
   assert tokenizer.train_tokenizer_bytes(small, 100) == tokenizer.train_tokenizer_bytes(small, 100)
   with pytest.raises(ValueError, match="no sentences"):
     tokenizer.train_tokenizer_bytes([" ", ""], 100)
+
+
+def test_an_alphabet_larger_than_the_vocabulary():
+  """Place names in many scripts: the rarest characters become <unk> instead of a crash."""
+  common = [f"cropland and forest near a river, tile {i}" for i in range(3000)]
+  rare = "".join(chr(0x4E00 + i) for i in range(40))  # 40 CJK characters, once each
+  proto = tokenizer.train_tokenizer_bytes(common + [f"near {rare}"], vocab_size=60)
+  sp = tokenizer.load(proto)
+  assert sp.get_piece_size() <= 60
+  assert tokenizer.UNK_ID in sp.encode(rare)
+  with pytest.raises(ValueError, match="distinct characters.*raise vocab_size"):
+    tokenizer.train_tokenizer_bytes(["abcdefghij klmnopqrstuvwxyz"] * 3, vocab_size=12)
