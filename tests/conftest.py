@@ -48,3 +48,20 @@ def demo_dataset(tmp_path_factory, worker_id) -> pathlib.Path:
   with filelock.FileLock(str(root / "demo.lock")):
     demo.build_demo(str(out), num_samples=512)
   return out
+
+
+# `--dist loadfile` hands out whole files in collection order. Collected alphabetically, the
+# train-loop files came last, and one worker ran them alone for minutes while the other idled:
+# longest first lets both workers finish together. test_bench (no demo dataset) goes second so
+# the other worker is busy while the first builds the shared demo dataset.
+LONGEST_FILES_FIRST = ("tests/test_train.py", "tests/test_bench.py", "tests/test_train_step.py",
+                       "tests/models/test_geomeld.py", "tests/evaluation/test_finetune.py",
+                       "tests/test_aot.py", "tests/models/test_convnextv2.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    path = item.nodeid.split("::", 1)[0]
+    return LONGEST_FILES_FIRST.index(path) if path in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
+
+  items.sort(key=rank)  # stable: the order inside a file and among the rest is kept
