@@ -5,7 +5,8 @@
 Writes ``<output_dir>/synthetic_shards/*.tar`` and the dataset into
 ``<output_dir>/<name>/<version>/``. Idempotent: shards made with the same sample count and
 seed are reused (they are a pure function of both), and a complete dataset built with the same
-settings from those very shards is not rebuilt; in both cases the summary is printed. Runs on the DirectRunner in about a minute on 2 cores.
+settings from those very shards is not rebuilt; in both cases the summary is printed. Runs on
+the DirectRunner in about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ def _read_json(path: str) -> dict:
 
 def _up_to_date(manifest: dict, config: pipeline.BuildConfig) -> bool:
   """Whether a complete build came from these settings and these very shard files."""
-  flags = {k: v for k, v in manifest["flags"].items() if k != "beam_args"}
-  if flags != json.loads(json.dumps(config.to_json())):
+  built_with = {k: v for k, v in manifest["flags"].items() if k != "beam_args"}
+  if built_with != json.loads(json.dumps(config.to_json())):
     return False
   (spec,) = config.sources
   source = registry.make_source(spec)
-  built = {u: info["fingerprint"] for u, info in manifest["sources"].get(spec, {}).get("units", {}).items()}
-  return built == {u: source.fingerprint(u) for u in source.units()}
+  built_from = manifest["sources"].get(spec, {}).get("units", {})
+  return ({u: info["fingerprint"] for u, info in built_from.items()}
+          == {u: source.fingerprint(u) for u in source.units()})
 
 
 def main(argv: list[str]) -> None:

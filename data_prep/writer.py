@@ -70,8 +70,10 @@ def read_lines(pattern: str) -> list[str]:
     for metadata in sorted(result.metadata_list, key=lambda m: m.path):
       # "\n" only, as WriteToText writes: str.splitlines() also splits at U+2028, U+0085 ...,
       # which JSON leaves unescaped inside a caption.
-      text = read_bytes(metadata.path).decode("utf-8")
-      lines.extend(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else [])
+      file_lines = read_bytes(metadata.path).decode("utf-8").split("\n")
+      if file_lines[-1] == "":  # after the newline that ends the last line
+        file_lines.pop()
+      lines.extend(file_lines)
   return lines
 
 
