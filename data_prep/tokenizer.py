@@ -42,32 +42,28 @@ def train_tokenizer_bytes(sentences: Iterable[str], vocab_size: int = DEFAULT_VO
                     "training with character_coverage %g", alphabet, vocab_size, coverage)
   model = io.BytesIO()
   try:
-    _train(sentences, model, vocab_size, coverage)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        normalization_rule_name="nmt_nfkc_cf",  # NFKC + case folding: lower-case
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        character_coverage=coverage,
+        num_threads=1,  # one thread: the model is identical across machines
+        minloglevel=2,
+    )
   except RuntimeError as e:
     raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on captions with {alphabet} "
                      f"distinct characters ({e}); raise vocab_size") from None
   return model.getvalue()
-
-
-def _train(sentences: list[str], model: io.BytesIO, vocab_size: int, coverage: float) -> None:
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences),
-      model_writer=model,
-      model_type="unigram",
-      vocab_size=vocab_size,
-      hard_vocab_limit=False,
-      normalization_rule_name="nmt_nfkc_cf",  # NFKC + case folding: lower-case
-      pad_id=PAD_ID,
-      eos_id=EOS_ID,
-      unk_id=UNK_ID,
-      bos_id=BOS_ID,
-      pad_piece="<pad>",
-      eos_piece="</s>",
-      unk_piece="<unk>",
-      character_coverage=coverage,
-      num_threads=1,  # one thread: the model is identical across machines
-      minloglevel=2,
-  )
 
 
 def train_tokenizer(sentences: Iterable[str], output_path: str | os.PathLike,
