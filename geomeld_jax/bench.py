@@ -6,18 +6,23 @@ r"""Train-step benchmark: one JSON line per case, then a short table.
 A case may override model fields after a '/', to compare variants in one run (one GPU call):
   --objectives=mp_mae,mp_mae/stem=original,full/patch_size=32/vision_embedding=unmasked
 
-Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, peak device memory, and (when grain and a built dataset are
-available: --data_dir) the input pipeline's host samples/s. With --profile_dir, each case also
-traces 3 steps (TensorBoard/Perfetto files under profile_dir/<case>/) and prints its 15 most
-expensive device ops per step: where the time goes, from the same single GPU call. Batches are synthetic and live in
-device memory, so the step is measured alone; the mesh spans every local device.
+Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, the compiled step's
+memory (XLA's memory analysis) and the process's peak device memory so far, and (when grain and
+a built dataset are available: --data_dir) the input pipeline's host samples/s. With
+--profile_dir, each case also traces 3 steps (TensorBoard/Perfetto files under
+profile_dir/<case>/) and prints its 15 most expensive device ops per step: where the time goes,
+from the same single GPU call. Batches are synthetic and live in device memory, so the step is
+measured alone; the mesh spans every local device. Each case also reports its wall seconds
+outside the timed loop (setup, lowering, profile) so a GPU budget can be planned.
 Case 'encoder' is the plain ConvNeXtV2 forward+backward (the speed reference in
 ARCHITECTURE.md); the others are the full train step of that ablation preset.
 
-FLOPs are model FLOPs: 3x the forward pass as XLA's cost analysis counts it (forward +
-backward, the usual MFU convention). XLA's count of the compiled backward itself is printed
-too (`xla_step_flops`), but it is inflated: it prices the weight gradient of a depthwise
-(grouped) convolution like a dense one (measured: 40x for a 40-channel 7x7 depthwise conv).
+FLOPs come from XLA's cost analysis of the LOWERED program (before backend passes): on GPU the
+compiled program's count leaves out the cuDNN and cuBLAS custom calls (measured on an H100:
+0.78 GFLOP/sample for an MP-MAE step that does 5.1), and lowering costs no compile. Model FLOPs
+(`flops_per_step`, the MFU basis) are 3x the forward pass of the train loss, the usual
+convention. `xla_step_flops` counts the train step's own graph (the JEPA teacher runs forward
+only, so it is below 3x forward when JEPA is on).
 """
 
 from __future__ import annotations
@@ -89,15 +94,25 @@ def _peak_flops() -> float | None:
 
 
 def _peak_memory() -> int | None:
+  """The process's peak device memory so far: a high-water mark over every case run before."""
   stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
 
-def _flops(compiled) -> float:
-  """FLOPs of one step over all devices (cost analysis describes the per-device program)."""
-  cost = compiled.cost_analysis()
+def _compiled_memory(compiled) -> int | None:
+  """This step's own device memory per device: arguments + outputs + temporaries - aliased."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def _flops(lowered) -> float:
+  """FLOPs of a lowered program: the whole (global) computation, before partitioning."""
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) * jax.device_count()
+  return float(cost.get("flops", 0.0))
 
 
 def _time_steps(run, steps: int) -> float:
@@ -129,6 +144,8 @@ def device_time_profile(trace_dir: str, num_steps: int, hlo_text: str = "",
   the per-module and per-step envelope lines; on a CPU-only trace, the XLA worker threads'
   events minus the runtime's own '::' spans. Events are grouped by HLO instruction (kernel
   name when the trace has none) and labelled with the JAX op behind it (from `hlo_text`).
+  Kernels inside a GPU command buffer are grouped by the fusion their kernel name names; where
+  XLA reuses one kernel for identical fusions, the first fusion's label is shown.
 
   Returns {"top_ops": the `top` ops by time, "by_branch": share per loss branch (the
   named scopes of geomeld.loss_fn; '-' = unscoped: optimizer, loss combination),
@@ -152,15 +169,22 @@ def device_time_profile(trace_dir: str, num_steps: int, hlo_text: str = "",
       return e["pid"] in devices and not re.search(r"Modules|Steps|Framework|Source", thread)
     return thread.startswith("tf_XLA") and "::" not in e["name"]
 
+  jax_ops = hlo_op_names(hlo_text)
+  # XLA:GPU names a fusion's kernel after its instruction, '.' and '-' written as '_'.
+  by_kernel = {re.sub(r"[.\-]", "_", name): name for name in jax_ops}
   total: dict[str, float] = collections.defaultdict(float)
   count: dict[str, int] = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and is_op(e):
       name = e.get("args", {}).get("hlo_op") or e["name"]
+      if name not in jax_ops:
+        # Every kernel of a command buffer (a CUDA graph of many instructions) carries the
+        # buffer's name as hlo_op; its kernel name still names the fusion. Library kernels
+        # (cuDNN, cuBLAS) match nothing and stay under the buffer's name.
+        name = by_kernel.get(e["name"], name)
       total[name] += float(e.get("dur", 0.0))
       count[name] += 1
   device_us = sum(total.values())
-  jax_ops = hlo_op_names(hlo_text)
   by_branch: dict[str, float] = collections.defaultdict(float)
   by_part: dict[str, float] = collections.defaultdict(float)
   for name, us in total.items():
@@ -210,12 +234,13 @@ def encoder_case(config, mesh, batch_size: int, crop: int, dtype: str, steps: in
   step = jax.jit(jax.grad(loss), in_shardings=(repl, sharding.batch_sharding(mesh)),
                  out_shardings=repl)
   t0 = time.perf_counter()
-  compiled = step.lower(params, x).compile()
+  lowered = step.lower(params, x)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  forward = jax.jit(loss).lower(params, x).compile()
   step_s = _time_steps(lambda: compiled(params, x), steps)
-  out = {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
-         "xla_step_flops": _flops(compiled)}
+  out = {"compile_s": compile_s, "step_s": step_s,
+         "flops_per_step": 3 * _flops(jax.jit(loss).lower(params, x)),
+         "xla_step_flops": _flops(lowered), "compiled_memory_bytes": _compiled_memory(compiled)}
   if profile_dir:
     out["profile"] = _profile(lambda: compiled(params, x), compiled, profile_dir)
   return out
@@ -230,15 +255,15 @@ def train_case(config, mesh, objective: str, batch_size: int, crop: int, dtype: 
     mcfg["compute_dtype"] = dtype
     cfg.model = mcfg
     cfg.input.global_batch_size = batch_size
-  setup = ts.setup(cfg, mesh, records.Normalizer(ts.synthetic_statistics()))
+  normalizer = records.Normalizer(ts.synthetic_statistics())
+  setup = ts.setup(cfg, mesh, normalizer)
   host = ts.synthetic_batch(setup.model_def.config, batch_size, crop, cfg.input.text_len)
   batch = sharding.put_batch(host, mesh)
   state = setup.init_state()
   t0 = time.perf_counter()
-  compiled = setup.train_step.lower(state, batch).compile()
+  lowered = setup.train_step.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  index = jax.device_put(np.int32(0), sharding.replicated(mesh))
-  forward = setup.eval_step.lower(state, batch, index).compile()  # the loss, forward only
   holder = {"state": state}
 
   def run():
@@ -247,11 +272,30 @@ def train_case(config, mesh, objective: str, batch_size: int, crop: int, dtype: 
 
   step_s = _time_steps(run, steps)
   loss = float(jax.device_get(run()))
-  out = {"compile_s": compile_s, "step_s": step_s, "flops_per_step": 3 * _flops(forward),
-         "xla_step_flops": _flops(compiled), "final_loss": loss}
+  out = {"compile_s": compile_s, "step_s": step_s,
+         "flops_per_step": 3 * _flops(train_loss_forward(setup, normalizer).lower(
+             holder["state"], batch)),
+         "xla_step_flops": _flops(lowered), "compiled_memory_bytes": _compiled_memory(compiled),
+         "final_loss": loss}
   if profile_dir:
     out["profile"] = _profile(run, compiled, profile_dir)
   return out
+
+
+def train_loss_forward(setup: ts.TrainSetup, normalizer: records.Normalizer):
+  """The train step's loss, forward only, jitted: what model FLOPs (3x forward) count.
+
+  Not `setup.eval_step`: with ITC on, evaluation adds an unmasked encoder pass for a metric
+  (`unmasked_itc_metrics`) that training never runs.
+  """
+  mcfg = setup.model_def.config
+
+  def forward(state, batch):
+    inputs = records.model_inputs(batch, normalizer, jnp)
+    ema = state["ema_params"] if mcfg.jepa else None
+    return geomeld.loss_fn(state["params"], ema, setup.model_def, inputs, jax.random.key(0))[0]
+
+  return jax.jit(forward)
 
 
 def input_case(data_dir: str, batch_size: int, crop: int, text_len: int, seconds: float = 10.0
@@ -286,6 +330,7 @@ def main(argv):
     case_config = config.copy_and_resolve_references()
     with case_config.unlocked():
       case_config.model.update(overrides)
+    t0 = time.perf_counter()
     try:
       if objective == "encoder":
         r = encoder_case(case_config, mesh, **kw)
@@ -295,7 +340,7 @@ def main(argv):
       r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     r.update(case=case, device=device, variant=case_config.model.variant, batch_size=batch,
              crop_size=args.crop_size, compute_dtype=args.compute_dtype,
-             peak_memory_bytes=_peak_memory())
+             peak_memory_bytes=_peak_memory(), case_wall_s=time.perf_counter() - t0)
     if "step_s" in r:
       r["step_ms"] = 1e3 * r["step_s"]
       r["samples_per_s"] = batch / r["step_s"]
@@ -312,15 +357,15 @@ def main(argv):
     print(json.dumps(r), flush=True)
   width = max(10, *(len(r["case"]) for r in rows))
   print(f"\n{'case':{width}s} {'samples/s':>10s} {'step ms':>9s} {'compile s':>10s} "
-        f"{'GFLOP/sample':>13s} {'MFU':>6s} {'peak GiB':>9s}")
+        f"{'GFLOP/sample':>13s} {'MFU':>6s} {'step GiB':>9s} {'case s':>7s}")
   for r in rows:
     if "error" in r:
       print(f"{r['case']:{width}s} {r['error']}")
       continue
-    mem = r["peak_memory_bytes"]
+    mem = r["compiled_memory_bytes"]
     print(f"{r['case']:{width}s} {r['samples_per_s']:10.0f} {r['step_ms']:9.1f} {r['compile_s']:10.1f} "
           f"{r['flops_per_sample'] / 1e9:13.2f} {r.get('mfu', float('nan')):6.3f} "
-          f"{(mem or 0) / 2**30:9.2f}")
+          f"{(mem or 0) / 2**30:9.2f} {r['case_wall_s']:7.0f}")
 
 
 def _print_profile(profile: dict[str, Any]) -> None:

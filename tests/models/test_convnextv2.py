@@ -277,6 +277,28 @@ def test_more_visible_cells_than_the_bound_poisons_only_that_sample(atto_patch):
     atto_patch(x, mask, max_visible_cells=0)
 
 
+def test_stem_patch_depthwise_equals_the_grouped_conv(atto_patch):
+  """The stem's windowed multiply-and-sum is the depthwise conv its parameters describe."""
+  x = jax.random.normal(jax.random.key(11), (2, 32, 32, 40))
+  graphdef, state = nnx.split(atto_patch)
+
+  def outputs(state, use_conv):
+    model = nnx.merge(graphdef, state)
+    y = model.stem_patch_conv(x) if use_conv else model._stem_patch_depthwise(x)
+    return jnp.sum(jnp.square(y)), y
+
+  for use_conv in (True, False):
+    (_, y), g = jax.value_and_grad(outputs, has_aux=True)(state, use_conv)
+    if use_conv:
+      y_conv, g_conv = y, g.stem_patch_conv
+    else:
+      np.testing.assert_allclose(np.asarray(y), np.asarray(y_conv), rtol=1e-5, atol=1e-6)
+      for a, b in zip(jax.tree.leaves(g.stem_patch_conv), jax.tree.leaves(g_conv)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+  assert y_conv.shape == (2, 16, 16, 40)
+
+
 def test_gather_scatter_cells_round_trip():
   x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
   cells = jnp.asarray([[0, 3], [2, 1]])  # a 2x2 grid of 4x4-pixel cells
