@@ -418,8 +418,8 @@ class ConvNeXtV2(nnx.Module):
     Returns (final map (B, H/stride, W/stride, dims[-1]), [the four stage outputs]).
     With a mask, masked sites are zero in every returned map. ``max_visible_cells``
     (static): a bound on the visible cells of every sample of ``mask`` (a
-    `random_patch_mask`'s `num_visible_cells`, a thinned JEPA context's capacity); blocks
-    then run their MLPs on that many cell slots only. A sample with more visible cells gets
+    `random_patch_mask`'s `num_visible_cells`, a thinned JEPA context's capacity); the
+    'patch' stem and the blocks' MLPs then run on that many cell slots only. A sample with more visible cells gets
     NaN outputs (loud, caught by the train loop's NaN stop) rather than a silently wrong
     encoding. ``rngs`` (optional) drives drop path when ``deterministic`` is False: an
     ``nnx.Rngs`` or a key (folded with the block index, so blocks draw independently);
