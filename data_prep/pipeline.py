@@ -427,7 +427,7 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
   start = time.perf_counter()
   final_dir = config.dataset_dir
   # Cheap checks first: a bad path or an existing dataset fails before any work.
-  if writer.exists(final_dir) and not config.overwrite:
+  if writer.dir_exists(final_dir) and not config.overwrite:
     raise FileExistsError(f"dataset directory {final_dir} already exists; pass --overwrite "
                           "to replace it")
   plan = plan_units(config.sources)
@@ -459,7 +459,7 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
     manifest = _finalize(config, plan, tmp_dir, parts_dir, beam_args, start, pipeline_s)
     writer.commit(tmp_dir, final_dir, config.overwrite)
   except BaseException:
-    writer.delete(tmp_dir if writer.is_local(tmp_dir) else tmp_dir.rstrip("/") + "/")
+    writer.delete_tree(tmp_dir)
     raise
   return BuildResult(final_dir, manifest)
 
@@ -516,7 +516,7 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
   else:
     tokenizer_status = "skipped (no captions)"
 
-  writer.delete(parts_dir)
+  writer.delete_tree(parts_dir)
   writer.write_dataset_info(
       tmp_dir, config.name, config.version,
       description=("GeoMeld multi-modal remote-sensing tiles (128x128 at 10 m): Sentinel-2, "

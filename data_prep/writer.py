@@ -18,7 +18,10 @@ Paths go through Beam's `FileSystems`, so a ``gs://`` output works as well as a 
 ArrayRecord itself writes POSIX files, so remote shards are written to a local temporary
 file first and copied. On a local filesystem the final rename is one atomic directory
 rename; on an object store files are moved one by one with ``dataset_info.json`` and
-``manifest.json`` last, so a reader still never sees a dataset before it is complete.
+``manifest.json`` last, so a reader still never sees a dataset before it is complete. An object
+store has no directories: a dataset there is "present" when any object lies under its prefix
+(`dir_exists`), and replacing one removes the old completion files first, then every old
+object, so no stale shard of a larger old build stays beside the new ones.
 """
 
 from __future__ import annotations
@@ -77,9 +80,31 @@ def read_lines(pattern: str) -> list[str]:
   return lines
 
 
-def delete(path: str) -> None:
-  if exists(path):
-    FileSystems.delete([path])
+def _objects_under(path: str) -> list[str]:
+  """Every file below `path` (on an object store: every object under the prefix)."""
+  pattern = join(path.rstrip("/"), "**")
+  return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+
+
+def dir_exists(path: str) -> bool:
+  """A directory is there. An object store has no directories: `exists` is False for a
+  prefix, so this asks whether any object lies under it."""
+  if is_local(path):
+    return os.path.exists(path)
+  return exists(path) or bool(_objects_under(path))
+
+
+def delete_tree(path: str) -> None:
+  """Removes a file or a directory with everything below it; nothing there is fine."""
+  if is_local(path):
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+    return
+  paths = _objects_under(path) or ([path] if exists(path) else [])
+  if paths:
+    FileSystems.delete(paths)
 
 
 def write_records(path: str, records: Sequence[bytes], compression: str) -> int:
@@ -196,16 +221,23 @@ def commit(tmp_dir: str, final_dir: str, overwrite: bool) -> None:
     if old:
       shutil.rmtree(old)
     return
-  if exists(final_dir):
+  if dir_exists(final_dir):
     if not overwrite:
       raise FileExistsError(f"dataset directory {final_dir} already exists; pass --overwrite")
-    FileSystems.delete([final_dir.rstrip("/") + "/"])
-  sources = sorted(m.path for r in FileSystems.match([join(tmp_dir, "*")]) for m in r.metadata_list)
-  names = [p.rsplit("/", 1)[-1] for p in sources]
+    # No atomic rename here: the old dataset stops looking complete first, then goes whole
+    # (stale shards of a build with more shards must not stay beside the new ones).
+    old = _objects_under(final_dir)
+    markers = [p for p in old if p.rsplit("/", 1)[-1] in COMPLETION_FILES]
+    for batch in (markers, [p for p in old if p not in markers]):
+      if batch:
+        FileSystems.delete(batch)
+  prefix = tmp_dir.rstrip("/") + "/"
+  sources = _objects_under(tmp_dir)
+  names = [p[len(prefix):] for p in sources]
   order = sorted(range(len(sources)), key=lambda i: (names[i] in COMPLETION_FILES, names[i]))
   for i in order:
     FileSystems.rename([sources[i]], [join(final_dir, names[i])])
-  delete(tmp_dir.rstrip("/") + "/")
+  delete_tree(tmp_dir)
 
 
 def is_complete(dataset_dir: str) -> bool:
