@@ -3,7 +3,9 @@
 The branch follows I-JEPA (objectives.md §4) on the ConvNeXtV2 final grid, as CNN-JEPA does:
 the student encoder sees the context (masked = NOT context, dense masked convolution), the
 EMA teacher sees the whole image inside `jax.lax.stop_gradient`, and a predictor regresses
-the teacher's layer-normed features at the target positions (`losses.jepa_loss`).
+the teacher's layer-normed features at the target positions (`losses.jepa_loss`). With the
+model's `jepa_context='mae_pass'` the sampler is unused: the MAE pass's random mask gives the
+context (visible cells) and the targets (masked cells), CNN-JEPA's random-mask strategy.
 
 Predictor choice: the CNN-JEPA conv predictor (3 x [depthwise 3x3 -> 1x1 -> LN -> GELU],
 no final activation because ConvNeXt features are signed). Position is implicit in the map,

@@ -185,6 +185,42 @@ def test_jepa_context_pass_on_cell_slots_equals_the_dense_one(batch):
                                atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
 
 
+def test_jepa_on_the_mae_pass(batch):
+  """jepa_context='mae_pass': the MAE pass's visible cells are the student's context and its
+  masked cells the targets. The MAE terms are those of the 'blocks' run (same mask, same
+  pass), every parameter still learns, and the second student pass is gone from the graph."""
+  blocks = _compiled("full")
+  model_def = dataclasses.replace(
+      blocks.model_def, config=dataclasses.replace(blocks.config, jepa_context="mae_pass"))
+  fn = lambda p, e, b, r: geomeld.loss_fn(p, e, model_def, b, r)
+  key = jax.random.key(5)
+  (loss, metrics), (grads, ema_grads) = jax.jit(
+      jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(blocks.params, blocks.ema, batch, key)
+  (_, metrics_blocks), _ = blocks.step(blocks.params, blocks.ema, batch, key)
+  assert np.isfinite(float(loss)) and np.isfinite(float(metrics["loss/jepa"]))
+  for term in blocks.config.targets:
+    assert float(metrics[f"loss/{term}"]) == float(metrics_blocks[f"loss/{term}"]), term
+  mask_ratio = float(metrics["mask_ratio"])
+  assert float(metrics["jepa/target_frac"]) == mask_ratio
+  assert float(metrics["jepa/context_frac"]) == 1.0 - mask_ratio
+  assert float(metrics["jepa/thinned_frac"]) == 0.0
+  assert float(metrics["count/jepa"]) == round(mask_ratio * B * (HW // PATCH) ** 2)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    assert np.any(np.asarray(g) != 0), f"no gradient reaches {jax.tree_util.keystr(path)}"
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(ema_grads))
+
+  def forward_flops(model_def):
+    lowered = jax.jit(lambda p, e, b, r: geomeld.loss_fn(p, e, model_def, b, r)[0]).lower(
+        blocks.params, blocks.ema, batch, key)
+    return lowered.cost_analysis()["flops"]
+
+  encoder_forward = jax.jit(lambda p, x: geomeld.merge(blocks.model_def, p).encoder(x)[0]).lower(
+      blocks.params, batch["sentinel2"]).cost_analysis()["flops"]
+  saved = forward_flops(blocks.model_def) - forward_flops(model_def)
+  # The context pass computes its MLPs on <= 15 of 16 cells: most of a dense forward.
+  assert 0.5 * encoder_forward < saved < 1.1 * encoder_forward, (saved, encoder_forward)
+
+
 def jepa_capacity(cfg):
   return jepa.context_capacity(16, cfg.jepa_context_capacity, cfg.jepa_min_context)
 
@@ -270,6 +306,10 @@ def test_config_validation_and_presets():
     geomeld.GeoMeldFMConfig(fixed_weights=(("jepa", 1.0),))
   with pytest.raises(ValueError, match="unknown ConvNeXtV2 variant"):
     geomeld.GeoMeldFMConfig(variant="gigantic")
+  with pytest.raises(ValueError, match="jepa_context must be one of"):
+    geomeld.GeoMeldFMConfig(jepa=True, jepa_context="teacher")
+  with pytest.raises(ValueError, match="mask_ratio is 0"):
+    geomeld.GeoMeldFMConfig(jepa=True, jepa_context="mae_pass", mask_ratio=0.0)
 
 
 def test_clamp_params_and_encoder_subtree():
