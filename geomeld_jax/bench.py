@@ -4,7 +4,7 @@ r"""Train-step benchmark: one JSON line per case, then a short table.
       --objectives=encoder,s2_mae,mp_mae,full --batch_size=256 --steps=20
 
 A case may override model fields after a '/', to compare variants in one run (one GPU call):
-  --objectives=mp_mae,mp_mae/stem=original,full/patch_size=32/vision_embedding=unmasked
+  --objectives=mp_mae,mp_mae/dwconv_impl=taps,full/jepa_context=mae_pass,full
 
 Per case: compile seconds, step ms, samples/s, FLOPs per sample and MFU, the compiled step's
 memory (XLA's memory analysis) and the process's peak device memory so far, and (when grain and
@@ -218,7 +218,8 @@ def encoder_case(config, mesh, batch_size: int, crop: int, dtype: str, steps: in
   """Plain ConvNeXtV2 forward+backward with a trivial loss (no masking, no decoder)."""
   mcfg = ts.model_config(config)
   model = convnextv2.ConvNeXtV2(mcfg.variant, mod.SENTINEL2.num_bands, stem=mcfg.stem,
-                                patch_size=mcfg.patch_size, dtype=jnp.dtype(dtype),
+                                patch_size=mcfg.patch_size, dwconv_impl=mcfg.dwconv_impl,
+                                dtype=jnp.dtype(dtype),
                                 rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   repl = sharding.replicated(mesh)

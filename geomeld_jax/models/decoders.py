@@ -48,14 +48,15 @@ def is_pixel_target(name: str) -> bool:
 class _DecoderBody(nnx.Module):
   """Projection + mask token + ConvNeXtV2 blocks (+ the image-level LayerNorm if needed)."""
 
-  def __init__(self, in_dim: int, width: int, depth: int, *, with_image_norm: bool, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(self, in_dim: int, width: int, depth: int, *, with_image_norm: bool,
+               dwconv_impl: str, dtype, param_dtype, rngs: nnx.Rngs):
     self.dtype = dtype
     self.proj = nnx.Linear(in_dim, width, kernel_init=_INIT, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     self.mask_token = nnx.Param(_INIT(rngs.params(), (width,), param_dtype))
     self.blocks = nnx.List([
-        convnextv2.Block(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        convnextv2.Block(width, dwconv_impl=dwconv_impl, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
         for _ in range(depth)
     ])
     self.image_norm = (nnx.LayerNorm(width, epsilon=1e-6, dtype=jnp.float32,
@@ -85,10 +86,11 @@ class MultiPretextDecoder(nnx.Module):
     width: decoder width (512 in FCMAE/MMEarth).
     depth: ConvNeXtV2 blocks in the decoder (1 in FCMAE/MMEarth).
     shared: one decoder body for all targets (MMEarth code) or one per target.
+    dwconv_impl: the blocks' depthwise conv implementation (`convnextv2.Block`).
   """
 
   def __init__(self, in_dim: int, targets: Sequence[str], patch: int, *, width: int = 512,
-               depth: int = 1, shared: bool = True, dtype=jnp.float32,
+               depth: int = 1, shared: bool = True, dwconv_impl: str = "conv", dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     targets = tuple(targets)
     if not targets:
@@ -99,7 +101,7 @@ class MultiPretextDecoder(nnx.Module):
     self.patch = patch
     self.shared = shared
     pixel = {t: is_pixel_target(t) for t in targets}
-    body_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    body_kw = dict(dwconv_impl=dwconv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if shared:
       self.bodies = nnx.Dict({"shared": _DecoderBody(
           in_dim, width, depth, with_image_norm=not all(pixel.values()), **body_kw)})

@@ -54,6 +54,10 @@ class GeoMeldFMConfig:
   stem: str = "patch"  # 'patch' (MMEarth small-tile stem, stride = patch_size) or 'original'
   patch_size: int = 16  # 128-px tiles -> 8x8 final grid
   drop_path_rate: float = 0.0  # FCMAE pretraining uses 0
+  # The blocks' 7x7 depthwise conv (encoder and decoder): 'conv' (grouped convolution) or
+  # 'taps' (49 fused multiply-adds, convnextv2.depthwise_conv_taps). Same params and result;
+  # 'taps' halves the step on XLA's CPU backend (README, Measured). GPU/TPU: unmeasured.
+  dwconv_impl: str = "conv"
   mask_ratio: float = 0.6
   # The MAE pass runs each block's MLP on the visible cells only (FCMAE's sparse saving,
   # same result; see convnextv2). False: the dense masked emulation everywhere.
@@ -125,7 +129,7 @@ class GeoMeldFMConfig:
     choices = {
         "loss_weighting": ("uncertainty", "fixed"), "jepa_loss": ("smooth_l1", "l2"),
         "itc_loss": ("clip", "siglip"), "vision_embedding": ("visible", "unmasked"),
-        "jepa_context": ("blocks", "mae_pass"),
+        "jepa_context": ("blocks", "mae_pass"), "dwconv_impl": convnextv2.DWCONV_IMPLS,
         "text_pooling": ("eos", "mean"), "compute_dtype": tuple(_DTYPES),
     }
     for field, allowed in choices.items():
@@ -208,11 +212,13 @@ class GeoMeldFM(nnx.Module):
     in_chans = mod.pixel_modality(mod.INPUT_MODALITY).num_bands
     self.encoder = convnextv2.ConvNeXtV2(
         config.variant, in_chans, stem=config.stem, patch_size=config.patch_size,
-        drop_path_rate=config.drop_path_rate, dtype=dtype, rngs=rngs)
+        drop_path_rate=config.drop_path_rate, dwconv_impl=config.dwconv_impl, dtype=dtype,
+        rngs=rngs)
     enc_dim = self.encoder.dims[-1]
     self.decoder = decoders.MultiPretextDecoder(
         enc_dim, config.targets, self.encoder.stride, width=config.decoder_width,
-        depth=config.decoder_depth, shared=config.decoder_shared, dtype=dtype, rngs=rngs)
+        depth=config.decoder_depth, shared=config.decoder_shared,
+        dwconv_impl=config.dwconv_impl, dtype=dtype, rngs=rngs)
     self.jepa_predictor = (jepa.ConvPredictor(enc_dim, depth=config.jepa_predictor_depth,
                                               dtype=dtype, rngs=rngs)
                            if config.jepa else None)

@@ -296,6 +296,62 @@ def test_stem_patch_depthwise_equals_the_grouped_conv(atto_patch):
   assert y_conv.shape == (2, 16, 16, 40)
 
 
+@pytest.mark.parametrize("kernel_size", [7, 3])
+def test_depthwise_conv_taps_equals_the_grouped_conv(kernel_size):
+  """Values and both gradients (hand-written VJP) of the sum of taps against lax.conv; a
+  non-square input and a cotangent that is not all ones catch a transposed or unflipped tap."""
+  kx, kk, kg = jax.random.split(jax.random.key(12), 3)
+  x = jax.random.normal(kx, (2, 12, 9, 5))
+  kernel = jax.random.normal(kk, (kernel_size, kernel_size, 5))
+  weights = jax.random.normal(kg, (2, 12, 9, 5))
+  pad = kernel_size // 2
+
+  def grouped(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel[:, :, None, :], (1, 1), ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
+        precision=jax.lax.Precision.HIGHEST)
+
+  def loss(fn):
+    return jax.value_and_grad(lambda x, k: jnp.sum(weights * fn(x, k)), argnums=(0, 1))
+
+  (v_conv, (dx_conv, dk_conv)) = loss(grouped)(x, kernel)
+  (v_taps, (dx_taps, dk_taps)) = jax.jit(loss(cv.depthwise_conv_taps))(x, kernel)
+  np.testing.assert_allclose(np.asarray(cv.depthwise_conv_taps(x, kernel)),
+                             np.asarray(grouped(x, kernel)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(v_taps), float(v_conv), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx_taps), np.asarray(dx_conv), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dk_taps), np.asarray(dk_conv), rtol=1e-5, atol=1e-4)
+  # bfloat16 in and out, float32 sums inside.
+  y16 = cv.depthwise_conv_taps(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(grouped(x, kernel)),
+                             rtol=0.05, atol=0.1)
+
+
+def test_block_taps_equals_the_conv_block():
+  """dwconv_impl='taps' is the same block: same params, output and gradients, masked too."""
+  conv_block = cv.Block(16, rngs=nnx.Rngs(3))
+  _materialise(conv_block, seed=4)  # random biases, GRN and LN affine: nothing is zero
+  graphdef, state = nnx.split(conv_block)
+  taps_graphdef, taps_state = nnx.split(cv.Block(16, dwconv_impl="taps", rngs=nnx.Rngs(0)))
+  assert jax.tree.structure(taps_state) == jax.tree.structure(state)
+  x = jax.random.normal(jax.random.key(6), (2, 8, 8, 16))
+  mask = jax.random.bernoulli(jax.random.key(7), 0.5, (2, 8, 8, 1))
+
+  def value_and_grad(gd):
+    return jax.value_and_grad(lambda st: jnp.sum(jnp.square(nnx.merge(gd, st)(x, mask))))(state)
+
+  v_conv, g_conv = value_and_grad(graphdef)
+  v_taps, g_taps = value_and_grad(taps_graphdef)
+  np.testing.assert_allclose(float(v_taps), float(v_conv), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_taps), jax.tree.leaves(g_conv)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
+  with pytest.raises(ValueError, match="unknown dwconv_impl"):
+    cv.Block(16, dwconv_impl="fft", rngs=nnx.Rngs(0))
+
+
 def test_gather_scatter_cells_round_trip():
   x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
   cells = jnp.asarray([[0, 3], [2, 1]])  # a 2x2 grid of 4x4-pixel cells

@@ -312,6 +312,14 @@ def test_config_validation_and_presets():
     geomeld.GeoMeldFMConfig(jepa=True, jepa_context="mae_pass", mask_ratio=0.0)
 
 
+def test_dwconv_impl_reaches_every_block():
+  model = nnx.eval_shape(lambda: geomeld.build(_config("mp_mae", dwconv_impl="taps"),
+                                               jax.random.key(0)))
+  blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, convnextv2.Block)]
+  assert len(blocks) == 4 + 1  # the micro encoder's 4 stages of 1 block, the decoder's block
+  assert {b.dwconv_impl for b in blocks} == {"taps"}
+
+
 def test_clamp_params_and_encoder_subtree():
   config = _config("mp_mae_itc", decoder_depth=0)
   model_def, params = geomeld.init(config, jax.random.key(0))
