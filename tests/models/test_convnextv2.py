@@ -340,7 +340,8 @@ def test_block_taps_equals_the_conv_block():
   mask = jax.random.bernoulli(jax.random.key(7), 0.5, (2, 8, 8, 1))
 
   def value_and_grad(gd):
-    return jax.value_and_grad(lambda st: jnp.sum(jnp.square(nnx.merge(gd, st)(x, mask))))(state)
+    return jax.jit(jax.value_and_grad(
+        lambda st: jnp.sum(jnp.square(nnx.merge(gd, st)(x, mask)))))(state)
 
   v_conv, g_conv = value_and_grad(graphdef)
   v_taps, g_taps = value_and_grad(taps_graphdef)
