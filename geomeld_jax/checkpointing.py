@@ -309,7 +309,7 @@ def check_same_dataset(workdir: str | epath.PathLike, fingerprint: Mapping[str, 
 
 
 def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[str, Any],
-                     keys_that_matter: Sequence[str]) -> None:
+                     keys_that_matter: Sequence[str], keys_exempt: Sequence[str] = ()) -> None:
   """Refuses to resume from a workdir whose checkpoint came from an incompatible config.
 
   Args:
@@ -317,6 +317,8 @@ def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[s
     config_json: the new run's config.
     keys_that_matter: dotted keys; a key covers everything under it ('model' covers
       'model.width'). Only these are compared; schedule lengths etc. may change on resume.
+    keys_exempt: dotted keys never compared, even under a key that matters (settings that
+      change how a result is computed, not the result).
 
   Raises:
     ValueError: naming each differing key with its saved and new value, or when the workdir
@@ -328,8 +330,11 @@ def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[s
   if not path.exists():
     raise ValueError(f"{workdir} holds checkpoints but no {CONFIG_FILENAME}, so their config cannot be "
                      "checked; use a fresh workdir")
+  def under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
+
   def matters(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in keys_that_matter)
+    return under(key, keys_that_matter) and not under(key, keys_exempt)
 
   diffs = _differences(_config_dict(path.read_text()), _config_dict(config_json),
                        "checkpoint has", "config has", matters)

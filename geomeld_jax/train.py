@@ -29,6 +29,10 @@ from geomeld_jax import train_step as ts
 # different worker count fails (KeyError) or, with more workers, silently reorders the data.
 RESUME_KEYS = ("model", "seed", "input.crop_size", "input.text_len", "input.global_batch_size",
                "input.num_workers", "mesh")
+# Model fields that change how the step computes, not what (each tested equal): a run may
+# resume with another value, e.g. started on CPUs with dwconv_impl='taps', resumed on GPUs.
+RESUME_EXEMPT_KEYS = ("model.dwconv_impl", "model.mae_visible_only",
+                      "model.mae_heads_masked_only")
 
 
 def _dataset(config) -> input_pipeline.DatasetFiles:
@@ -79,7 +83,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   # Run metadata and resume compatibility                                                  #
   ##########################################################################################
   checkpointing.check_workdir_is_shared(workdir)  # multi-host: one workdir for all hosts
-  checkpointing.check_compatible(workdir, config, RESUME_KEYS)
+  checkpointing.check_compatible(workdir, config, RESUME_KEYS, RESUME_EXEMPT_KEYS)
   checkpointing.save_config(workdir, config)
   if is_host0:
     metrics_writer.write_run_info(workdir, config)

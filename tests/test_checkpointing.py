@@ -1,5 +1,6 @@
 """Checkpointer: sharded round trip, iterator state, keep-last-K, config check, SIGKILL mid-save."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from geomeld_jax import checkpointing
 from geomeld_jax import sharding
+from geomeld_jax import train
+from geomeld_jax.models import geomeld
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -127,6 +130,12 @@ def test_config_saved_and_incompatible_config_refused(tmp_path, mesh):
   assert "model.variant: checkpoint has 'atto', config has 'tiny'" in message
   assert "model.depth: checkpoint has <absent>, config has 3" in message
   assert "model.width" not in message
+  # Exempt keys (how the step computes, not what) may differ or be new, even under 'model'.
+  checkpointing.check_compatible(tmp_path, {**config, "model": {**config["model"], "impl": "taps"}},
+                                 ["model"], keys_exempt=["model.impl"])
+  with pytest.raises(ValueError, match="model.impl: checkpoint has <absent>"):
+    checkpointing.check_compatible(
+        tmp_path, {**config, "model": {**config["model"], "impl": "taps"}}, ["model"])
 
   (tmp_path / "config.json").unlink()
   with pytest.raises(ValueError, match="holds checkpoints but no config.json"):
@@ -284,3 +293,10 @@ def test_two_hosts_must_share_the_workdir(tmp_path, shared):
       assert result == "SHARED", out
     else:  # every host refuses, so none waits forever in a later collective
       assert result.startswith("REFUSED hosts [1] do not see the workdir"), out
+
+
+def test_resume_exempt_keys_are_model_fields():
+  fields = {f.name for f in dataclasses.fields(geomeld.GeoMeldFMConfig)}
+  for key in train.RESUME_EXEMPT_KEYS:
+    section, _, name = key.partition(".")
+    assert section == "model" and name in fields, key
