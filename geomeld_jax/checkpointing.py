@@ -262,14 +262,19 @@ def _has_checkpoint(workdir: str | epath.PathLike) -> bool:
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], old_label: str, new_label: str,
-                 matters=lambda key: True) -> list[str]:
-  """'key: <old_label> X, <new_label> Y' for each differing (flattened) key that matters."""
+                 matters=lambda key: True, old_defaults: Mapping[str, Any] | None = None
+                 ) -> list[str]:
+  """'key: <old_label> X, <new_label> Y' for each differing (flattened) key that matters.
+
+  `old_defaults` (flattened keys) stands in for keys absent from `old`.
+  """
   old, new = _flatten(old), _flatten(new)
+  old_defaults = old_defaults or {}
   missing = object()
   shown = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
   diffs = []
   for key in sorted(k for k in set(old) | set(new) if matters(k)):
-    before, after = old.get(key, missing), new.get(key, missing)
+    before, after = old.get(key, old_defaults.get(key, missing)), new.get(key, missing)
     if before != after:
       diffs.append(f"{key}: {old_label} {shown(before)}, {new_label} {shown(after)}")
   return diffs
@@ -309,7 +314,8 @@ def check_same_dataset(workdir: str | epath.PathLike, fingerprint: Mapping[str, 
 
 
 def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[str, Any],
-                     keys_that_matter: Sequence[str], keys_exempt: Sequence[str] = ()) -> None:
+                     keys_that_matter: Sequence[str], keys_exempt: Sequence[str] = (),
+                     defaults_for_absent: Mapping[str, Any] | None = None) -> None:
   """Refuses to resume from a workdir whose checkpoint came from an incompatible config.
 
   Args:
@@ -319,6 +325,9 @@ def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[s
       'model.width'). Only these are compared; schedule lengths etc. may change on resume.
     keys_exempt: dotted keys never compared, even under a key that matters (settings that
       change how a result is computed, not the result).
+    defaults_for_absent: dotted key -> the value a saved config that lacks the key is taken to
+      hold. A config written before a field existed ran with the field's default, provided new
+      fields default to the old behaviour (the rule for GeoMeldFMConfig).
 
   Raises:
     ValueError: naming each differing key with its saved and new value, or when the workdir
@@ -337,7 +346,8 @@ def check_compatible(workdir: str | epath.PathLike, config_json: str | Mapping[s
     return under(key, keys_that_matter) and not under(key, keys_exempt)
 
   diffs = _differences(_config_dict(path.read_text()), _config_dict(config_json),
-                       "checkpoint has", "config has", matters)
+                       "checkpoint has", "config has", matters,
+                       _flatten(_config_dict(defaults_for_absent or {})))
   if diffs:
     raise ValueError(f"the checkpoint in {workdir} was written by an incompatible config; differing keys:\n  "
                      + "\n  ".join(diffs))

@@ -8,6 +8,7 @@ checkpoint, data iterator included, so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from geomeld_jax import input_pipeline
 from geomeld_jax import metrics_writer
 from geomeld_jax import sharding
 from geomeld_jax import train_step as ts
+from geomeld_jax.models import geomeld
 
 # Config keys a checkpoint must agree on to be resumed (schedules and logging may change).
 # input.num_workers: Grain's saved iterator position is per worker process; restoring it into a
@@ -33,6 +35,17 @@ RESUME_KEYS = ("model", "seed", "input.crop_size", "input.text_len", "input.glob
 # resume with another value, e.g. started on CPUs with dwconv_impl='taps', resumed on GPUs.
 RESUME_EXEMPT_KEYS = ("model.dwconv_impl", "model.mae_visible_only",
                       "model.mae_heads_masked_only")
+
+
+def check_resumable(workdir, config) -> None:
+  """Refuses a workdir whose checkpoint an incompatible config wrote (errors name the keys).
+
+  A model field the saved config lacks was added after that run started; the run had the
+  field's default (GeoMeldFMConfig's rule), so that is what the new value is compared with.
+  """
+  defaults = {f"model.{field.name}": field.default
+              for field in dataclasses.fields(geomeld.GeoMeldFMConfig)}
+  checkpointing.check_compatible(workdir, config, RESUME_KEYS, RESUME_EXEMPT_KEYS, defaults)
 
 
 def _dataset(config) -> input_pipeline.DatasetFiles:
@@ -83,7 +96,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   # Run metadata and resume compatibility                                                  #
   ##########################################################################################
   checkpointing.check_workdir_is_shared(workdir)  # multi-host: one workdir for all hosts
-  checkpointing.check_compatible(workdir, config, RESUME_KEYS, RESUME_EXEMPT_KEYS)
+  check_resumable(workdir, config)
   checkpointing.save_config(workdir, config)
   if is_host0:
     metrics_writer.write_run_info(workdir, config)

@@ -136,6 +136,14 @@ def test_config_saved_and_incompatible_config_refused(tmp_path, mesh):
   with pytest.raises(ValueError, match="model.impl: checkpoint has <absent>"):
     checkpointing.check_compatible(
         tmp_path, {**config, "model": {**config["model"], "impl": "taps"}}, ["model"])
+  # A field added after the checkpoint was written: compared with the default it ran with.
+  with_context = {**config, "model": {**config["model"], "context": "blocks", "scale": (1, 2)}}
+  defaults = {"model.context": "blocks", "model.scale": (1, 2)}
+  checkpointing.check_compatible(tmp_path, with_context, ["model"], defaults_for_absent=defaults)
+  with pytest.raises(ValueError, match="model.context: checkpoint has 'blocks', config has 'mae_pass'"):
+    checkpointing.check_compatible(
+        tmp_path, {**config, "model": {**config["model"], "context": "mae_pass", "scale": (1, 2)}},
+        ["model"], defaults_for_absent=defaults)
 
   (tmp_path / "config.json").unlink()
   with pytest.raises(ValueError, match="holds checkpoints but no config.json"):
@@ -300,3 +308,16 @@ def test_resume_exempt_keys_are_model_fields():
   for key in train.RESUME_EXEMPT_KEYS:
     section, _, name = key.partition(".")
     assert section == "model" and name in fields, key
+
+
+def test_resume_from_config_saved_before_a_model_field_existed(tmp_path):
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  config = pretrain.get_config("smoke")
+  saved = json.loads(config.to_json())
+  del saved["model"]["jepa_context"]  # written before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "checkpoints" / "300").mkdir(parents=True)
+  train.check_resumable(tmp_path, config)  # the default is what that run had
+  config.model.jepa_context = "mae_pass"
+  with pytest.raises(ValueError, match="model.jepa_context: checkpoint has 'blocks', config has 'mae_pass'"):
+    train.check_resumable(tmp_path, config)

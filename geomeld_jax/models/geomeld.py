@@ -47,7 +47,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class GeoMeldFMConfig:
-  """Everything that shapes the model and its loss. Frozen and hashable (a static value)."""
+  """Everything that shapes the model and its loss. Frozen and hashable (a static value).
+
+  A field added later must default to the behaviour from before it existed: resuming compares
+  a saved config that lacks the field against its default (train.check_resumable).
+  """
 
   # Encoder (ConvNeXtV2 on Sentinel-2).
   variant: str = "atto"
