@@ -89,7 +89,8 @@ def _to_example(raw: RawSample) -> tuple[dict, dict[str, int]]:
   example["captions"] = [c.strip() for c in (raw.captions or [])
                          if isinstance(c, str) and c.strip()]
   try:
-    example["metadata_json"] = json.dumps(_jsonable(meta), sort_keys=True)
+    example["metadata_json"] = json.dumps(_jsonable(meta, counters), sort_keys=True,
+                                          allow_nan=False)
   except (TypeError, ValueError) as e:
     raise _Reject("bad_metadata", f"metadata is not JSON-serialisable: {e}") from None
   records.check_example(example)
@@ -292,16 +293,23 @@ def _check_types(meta: dict) -> None:
     raise _Reject("bad_metadata", f"metadata tile_id must be str, got {type(tid).__name__}")
 
 
-def _jsonable(v: Any) -> Any:
-  """numpy scalars/arrays -> plain Python, so json.dumps is stable and never fails on them."""
+def _jsonable(v: Any, counters: dict[str, int]) -> Any:
+  """numpy scalars/arrays -> plain Python, so json.dumps is stable and never fails on them.
+
+  NaN and +-Inf become null (counted): json.dumps would write the bare tokens NaN/Infinity,
+  which strict JSON readers (JavaScript, jq, Go...) refuse.
+  """
   if isinstance(v, dict):
-    return {str(k): _jsonable(x) for k, x in v.items()}
+    return {str(k): _jsonable(x, counters) for k, x in v.items()}
   if isinstance(v, (list, tuple)):
-    return [_jsonable(x) for x in v]
+    return [_jsonable(x, counters) for x in v]
   if isinstance(v, np.ndarray):
-    return _jsonable(v.tolist())
+    return _jsonable(v.tolist(), counters)
   if isinstance(v, np.generic):
-    return v.item()
+    return _jsonable(v.item(), counters)
   if isinstance(v, bytes):
     return v.decode("utf-8", errors="replace")
+  if isinstance(v, float) and not math.isfinite(v):
+    counters["metadata_nonfinite_to_null"] = counters.get("metadata_nonfinite_to_null", 0) + 1
+    return None
   return v

@@ -43,15 +43,18 @@ def test_step_on_2x4_mesh_equals_single_device(demo_dataset):
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
   assert m1["lr"] > 0
   # Compare the updates per parameter tensor. Adam's first update is lr * g / (|g| + eps), so
-  # an entry whose |g| is near eps turns float32 noise into a visible change: measured, the
-  # two meshes agree to 2% of lr per entry and 0.5% per tensor; a sharding bug gives O(1).
+  # an entry whose |g| is near eps turns float32 noise (another reduction order) into a change
+  # of up to 2 lr: measured, the meshes agree to 2% of lr on all but ~1 entry in 50,000 and to
+  # 0.5% per tensor; a sharding bug moves a whole shard's entries by O(lr). So per entry: at
+  # most one in a thousand (and one in a small tensor) may differ by over 0.1 lr.
   # The update is ~lr * sign(g), blind to a gradient's scale: grad_norm above checks that.
   for a0, b0, a, b in zip(*map(jax.tree.leaves, (init8, init1, p8, p1))):
     np.testing.assert_array_equal(a0, b0)  # same initial parameters on both meshes
     update8, update1 = a - a0, b - b0
     assert np.linalg.norm(update1) > 0
     assert np.linalg.norm(update8 - update1) <= 2e-2 * np.linalg.norm(update1)
-    np.testing.assert_allclose(update8, update1, atol=0.1 * m1["lr"])
+    differing = int(np.sum(np.abs(update8 - update1) > 0.1 * m1["lr"]))
+    assert differing <= max(1, update1.size // 1000), (differing, update1.shape)
 
 
 def test_normalisation_on_device_equals_host(demo_dataset):

@@ -218,3 +218,12 @@ def test_rejections(change, reason):
   assert isinstance(result, Rejection), f"expected {reason}, got a record"
   assert result.reason == reason, result
   assert result.source == "test:unit" and result.tile_id == "t1"
+
+
+def test_nonfinite_metadata_becomes_null_and_is_counted():
+  raw = _sample(np.random.default_rng(0))
+  raw.metadata.update(cloud_cover=float("nan"), extra={"scores": np.array([1.5, np.inf, -np.inf])})
+  example, counters = _ok(validate.to_example(raw))
+  meta = json.loads(example["metadata_json"], parse_constant=lambda token: pytest.fail(token))
+  assert meta["cloud_cover"] is None and meta["extra"]["scores"] == [1.5, None, None]
+  assert counters == {"metadata_nonfinite_to_null": 3}
