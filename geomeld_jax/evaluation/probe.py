@@ -238,6 +238,11 @@ class ProbeResult:
   val_by_lr: dict[float, float]
   params: dict[str, Any]
 
+  @property
+  def best_lr_at_grid_edge(self) -> bool:
+    """The chosen lr is the sweep's smallest or largest: the optimum may lie outside it."""
+    return len(self.val_by_lr) > 1 and self.best_lr in (min(self.val_by_lr), max(self.val_by_lr))
+
 
 def linear_probe(train: tuple[np.ndarray, np.ndarray], valid: tuple[np.ndarray, np.ndarray],
                  test: tuple[np.ndarray, np.ndarray], *, kind: str, num_classes: int,

@@ -103,9 +103,15 @@ def evaluate(config, checkpoints: list[str], tasks: list[str], geobench_dir: str
                    for s in geobench.SPLITS}
           res = probe.linear_probe(feats["train"], feats["valid"], feats["test"], kind=info.kind,
                                    num_classes=info.num_classes, cfg=pcfg, seed=seed)
-          cols.setdefault("LP", {"metric": res.metric, "values": [], "best_lr": []})
+          cols.setdefault("LP", {"metric": res.metric, "values": [], "best_lr": [],
+                                 "best_lr_at_grid_edge": []})
           cols["LP"]["values"].append(res.test)
           cols["LP"]["best_lr"].append(res.best_lr)
+          cols["LP"]["best_lr_at_grid_edge"].append(res.best_lr_at_grid_edge)
+          if res.best_lr_at_grid_edge:
+            logging.warning("%s %s seed %d: the best probe lr %g is at the edge of "
+                            "config.probe.lrs %s; the optimum may lie beyond it: widen the grid",
+                            ckpt, task_name, seed, res.best_lr, sorted(res.val_by_lr))
           if config.drop_bands:
             name = "LP drop " + "+".join(config.drop_bands)
             score = retrieval.probe_with_dropped_bands(
@@ -152,14 +158,20 @@ def markdown_table(table: dict[str, Any], num_seeds: int) -> str:
           columns.append(key)
   head = "| checkpoint | " + " | ".join(f"{t} {c} ({m})" for t, c, m in columns) + " |"
   lines = [head, "|" + " --- |" * (len(columns) + 1)]
+  edges = False
   for ckpt, per_task in table.items():
     cells = []
     for task, col, _ in columns:
       v = per_task.get(task, {}).get(col)
-      cells.append(f"{v['mean']:.1f} ± {v['std']:.1f}" if v else "–")
+      edge = "†" if v and any(v.get("best_lr_at_grid_edge", ())) else ""
+      edges = edges or bool(edge)
+      cells.append(f"{v['mean']:.1f} ± {v['std']:.1f}{edge}" if v else "–")
     lines.append(f"| {ckpt} | " + " | ".join(cells) + " |")
   lines.append("")
   lines.append(f"mean ± std over {num_seeds} seed(s); values in %.")
+  if edges:
+    lines.append("† the best probe lr of some seed is at the edge of config.probe.lrs: the "
+                 "optimum may lie beyond the grid.")
   return "\n".join(lines) + "\n"
 
 

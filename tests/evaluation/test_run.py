@@ -29,4 +29,17 @@ def test_markdown_table_mean_std():
   assert lines[0] == "| checkpoint | m-bigearthnet LP (micro_f1) | m-so2sat FT (top1_acc) |"
   assert lines[2] == "| random | 12.3 ± 1.0 | – |"
   assert lines[3] == "| export | 40.0 ± 0.2 | 50.0 ± 0.0 |"
-  assert "3 seed(s)" in md
+  assert "3 seed(s)" in md and "†" not in md
+  table["export"]["m-bigearthnet"]["LP"]["best_lr_at_grid_edge"] = [False, True, False]
+  md = run.markdown_table(table, 3)
+  assert md.splitlines()[3] == "| export | 40.0 ± 0.2† | 50.0 ± 0.0 |"
+  assert "† the best probe lr of some seed is at the edge" in md
+
+
+def test_best_lr_at_grid_edge():
+  from geomeld_jax.evaluation import probe  # pylint: disable=import-outside-toplevel
+  result = lambda best, grid: probe.ProbeResult("m", 1.0, best, dict.fromkeys(grid, 0.0), {})  # noqa: E731
+  assert result(1e-3, (1e-3, 3e-3, 1e-2)).best_lr_at_grid_edge
+  assert result(1e-2, (1e-3, 3e-3, 1e-2)).best_lr_at_grid_edge
+  assert not result(3e-3, (1e-3, 3e-3, 1e-2)).best_lr_at_grid_edge
+  assert not result(3e-3, (3e-3,)).best_lr_at_grid_edge  # no sweep, no edge
