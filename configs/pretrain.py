@@ -102,7 +102,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # --- Logging, evaluation, checkpoints ----------------------------------------------------
   config.log_every = 10 if smoke else 100
   # Console shows these (regex); TensorBoard gets every metric (weights, counts, norms...).
-  config.console_metrics = r"^(eval/)?loss|^lr$|^grad_norm$|i2t_top1|jepa/target_std"
+  # feature_std / jepa/target_std: the student's / teacher's feature spread (collapse watch).
+  config.console_metrics = r"^(eval/)?loss|^lr$|^grad_norm$|i2t_top1|feature_std|target_std"
   config.eval_every = 100 if smoke else 5_000
   config.checkpoint_every = 100 if smoke else 2_000
   config.keep_checkpoints = 2 if smoke else 3

@@ -335,10 +335,18 @@ def _target_loss(name: str, pred: jax.Array, batch: Mapping[str, jax.Array], mas
   return losses.image_mse_loss(pred, batch[name], batch[f"{name}_valid"])
 
 
-def _channel_std(x: jax.Array) -> jax.Array:
-  """Mean over channels of the std over every other axis: ~0 when features collapse."""
+def _channel_std(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
+  """Mean over channels of the std over every other axis: ~0 when features collapse.
+
+  `where` (x's shape without channels) restricts the std to those positions.
+  """
   x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
-  return jnp.mean(jnp.std(x, axis=0))
+  if where is None:
+    return jnp.mean(jnp.std(x, axis=0))
+  w = where.reshape(-1, 1).astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  mean = jnp.sum(w * x, axis=0) / n
+  return jnp.mean(jnp.sqrt(jnp.sum(w * jnp.square(x - mean), axis=0) / n))
 
 
 def jepa_masks(cfg: GeoMeldFMConfig, key: jax.Array, batch: int, grid_h: int,
@@ -403,7 +411,8 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
 
   Returns:
     (total loss, metrics): `loss`, `loss/<term>`, `weight/<term>`, `count/<term>` (valid
-    elements behind each term), `mask_ratio`; with JEPA `jepa/target_std`, `jepa/pred_std`
+    elements behind each term), `mask_ratio`, `feature_std` (the student's visible
+    features; see `_channel_std`); with JEPA `jepa/target_std` (the teacher's), `jepa/pred_std`
     (collapse watch), `jepa/context_frac`, `jepa/target_frac`, `jepa/thinned_frac`; with ITC
     `logit_scale`, `itc/i2t_top1`; with SigLIP `logit_bias`.
   """
@@ -433,6 +442,10 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
     terms = {t: _target_loss(t, preds[t], batch, mask, stride, cfg.norm_pix_loss, masked_cells)
              for t in cfg.targets}
   metrics: dict[str, jax.Array] = {"mask_ratio": jnp.mean(mask.astype(jnp.float32))}
+  # The student's side of the collapse watch (jepa/target_std is the teacher's): the spread
+  # of its per-cell-normalised features over the visible cells, for every objective.
+  metrics["feature_std"] = _channel_std(
+      losses.layer_norm_no_affine(jax.lax.stop_gradient(feats)), where=~mask)
 
   if cfg.jepa:
     if ema_params is None:

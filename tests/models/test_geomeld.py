@@ -138,6 +138,17 @@ def test_preset_forward_backward(preset, batch):
     np.testing.assert_allclose(float(metrics["logit_scale"]), losses.LOGIT_SCALE_INIT)
     assert float(metrics["count/itc"]) == HAS_CAPTION.sum()
   assert 0.5 < float(metrics["mask_ratio"]) < 0.8
+  assert 0.1 < float(metrics["feature_std"]) < 1.0  # LN'd features of a fresh encoder vary
+
+
+def test_channel_std_over_chosen_positions():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 5)) * jnp.arange(1.0, 6.0)
+  where = jax.random.bernoulli(jax.random.key(1), 0.5, (2, 3, 3))
+  rows = np.asarray(x).reshape(-1, 5)[np.asarray(where).reshape(-1)]
+  np.testing.assert_allclose(float(geomeld._channel_std(x, where)), rows.std(0).mean(), rtol=1e-5)  # pylint: disable=protected-access
+  np.testing.assert_allclose(float(geomeld._channel_std(x)), np.asarray(x).reshape(-1, 5).std(0).mean(), rtol=1e-5)  # pylint: disable=protected-access
+  constant = jnp.where(where[..., None], 1.0, x)  # collapsed where it counts
+  assert float(geomeld._channel_std(constant, where)) == 0.0  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("flag", ["mae_visible_only", "mae_heads_masked_only"])
