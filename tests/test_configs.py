@@ -53,7 +53,7 @@ def test_lr_follows_the_global_batch_unless_set():
                 "--config.input.global_batch_size=512").optim.lr == pytest.approx(6e-4)
   assert _parse("atto", "--config.optim.lr=0.01",
                 "--config.input.global_batch_size=512").optim.lr == pytest.approx(0.01)
-  assert _parse("smoke").optim.lr == pytest.approx(1e-3)
+  assert _parse("smoke").optim.lr == pytest.approx(2.5e-4)
 
 
 def test_mu_dtype_override():
