@@ -16,8 +16,8 @@ from geomeld_jax import export
 from geomeld_jax import train
 from geomeld_jax import train_step as ts
 
-TOTAL_STEPS = 12
-STOP_AT = 6
+TOTAL_STEPS = 8
+STOP_AT = 4
 
 
 def _config(data_dir, **overrides):
