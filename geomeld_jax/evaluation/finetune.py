@@ -8,12 +8,14 @@ augmentation. Segmentation: a U-Net decoder (nearest x2 upsampling, 3x3 conv + L
 skips from every encoder stage), plain CE with every class, the encoder frozen for the first
 ``seg_freeze_epochs`` epochs and trained afterwards. As with torch's ``requires_grad=False``,
 a frozen encoder's AdamW state stays untouched: its moments and step count start when it
-unfreezes (``optax.transforms.conditionally_mask``).
+unfreezes (``optax.transforms.conditionally_mask``), and no backward pass runs through it: the
+frozen phase has its own compiled step, whose encoder parameters are constants to autodiff.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -171,10 +173,47 @@ def _loss(kind, logits, y, num_classes, smoothing):
   return probe.classification_loss(kind, logits, y, num_classes, smoothing)
 
 
+def make_step(graphdef, rest, tx: optax.GradientTransformation, scales: Any, *, kind: str,
+              num_classes: int, smoothing: float):
+  """The jitted fine-tuning step: (params, opt_state, xb, yb, key, lr, train_encoder=) ->
+  (params, opt_state, loss). xb, yb: (accum_steps, batch, ...), averaged as one step.
+
+  `train_encoder` is static: with False the encoder's parameters are `stop_gradient` constants,
+  so autodiff builds no backward pass through the encoder; its gradients are zeros, which the
+  frozen optimizer ignores anyway. The saving is the encoder's backward, XLA's count: 19% of a
+  tiny segmentation step's FLOPs (256 px, 12 bands, 256-wide decoder), 3.7% for atto, whose
+  step is mostly the full-resolution decoder.
+  """
+
+  @functools.partial(jax.jit, static_argnames="train_encoder")
+  def step(params, opt_state, xb, yb, key, lr_t, train_encoder: bool):
+    def loss_fn(p, micro_x, micro_y, micro_key):
+      if not train_encoder:
+        p = nnx.State({**p, "encoder": jax.lax.stop_gradient(p["encoder"])})
+      m = nnx.merge(graphdef, p, rest)
+      logits = m(micro_x, deterministic=False, rngs=micro_key)
+      return _loss(kind, logits, micro_y, num_classes, smoothing)
+
+    def accumulate(grad_sum, micro):
+      micro_x, micro_y, i = micro
+      loss, grads = jax.value_and_grad(loss_fn)(params, micro_x, micro_y,
+                                                jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, (xb, yb, jnp.arange(xb.shape[0])))
+    grads, loss = jax.tree.map(lambda g: g / xb.shape[0], grad_sum), jnp.mean(losses)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u, s: p - lr_t * s * u, params, updates, scales)
+    return params, opt_state, loss
+
+  return step
+
+
 def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_classes: int,
           lr: float, epochs: int, batch_size: int, cfg: FinetuneConfig, freeze_epochs: int = 0,
           accum_steps: int = 1, seed: int = 0) -> TaskModel:
-  """Fine-tunes `model` in place on (x, y); returns it. One jitted step, lr traced.
+  """Fine-tunes `model` in place on (x, y); returns it. One jitted step per phase, lr traced.
 
   Each optimizer step averages the gradients of `accum_steps` micro-batches of `batch_size`
   (the protocol's batch of 1024 as 16 x 64, the way MMEarth's `update_freq` reaches it).
@@ -194,27 +233,8 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
   tx = optax.multi_transform({"encoder": encoder_tx, "head": adamw},
                              jax.tree_util.tree_map_with_path(lambda p, _: _top_key(p), params))
   opt_state = tx.init(params)
-  scales = lr_scales(params, cfg.layer_decay, model.encoder.depths)
-
-  @jax.jit
-  def step(params, opt_state, xb, yb, key, lr_t):
-    def loss_fn(p, micro_x, micro_y, micro_key):
-      m = nnx.merge(graphdef, p, rest)
-      logits = m(micro_x, deterministic=False, rngs=micro_key)
-      return _loss(kind, logits, micro_y, num_classes, smoothing)
-
-    def accumulate(grad_sum, micro):  # xb, yb: (accum_steps, bs, ...)
-      micro_x, micro_y, i = micro
-      loss, grads = jax.value_and_grad(loss_fn)(params, micro_x, micro_y,
-                                                jax.random.fold_in(key, i))
-      return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, losses = jax.lax.scan(accumulate, zeros, (xb, yb, jnp.arange(xb.shape[0])))
-    grads, loss = jax.tree.map(lambda g: g / xb.shape[0], grad_sum), jnp.mean(losses)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, u, s: p - lr_t * s * u, params, updates, scales)
-    return params, opt_state, loss
+  step = make_step(graphdef, rest, tx, lr_scales(params, cfg.layer_decay, model.encoder.depths),
+                   kind=kind, num_classes=num_classes, smoothing=smoothing)
 
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
@@ -225,7 +245,8 @@ def train(model: TaskModel, x: np.ndarray, y: np.ndarray, *, kind: str, num_clas
       idx = perm[i * bs * accum_steps:(i + 1) * bs * accum_steps].reshape(accum_steps, bs)
       lr_t = float(probe.cosine_lr(lr, cfg.min_lr, t, total))
       params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]),
-                                  jax.random.fold_in(key, t), jnp.float32(lr_t))
+                                  jax.random.fold_in(key, t), jnp.float32(lr_t),
+                                  train_encoder=t >= freeze_steps)
       t += 1
   nnx.update(model, params)
   return model

@@ -2,7 +2,10 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from configs import eval as eval_config
@@ -69,6 +72,26 @@ def test_frozen_phase_leaves_encoder_untouched(tiny_encoder):
   np.testing.assert_array_equal(enc_before, np.asarray(model.encoder.stem_conv.kernel[...]))
   assert not np.allclose(head_before, np.asarray(model.head.cls.kernel[...]))
 
+
+
+def test_frozen_step_runs_no_encoder_backward(tiny_encoder):
+  """The frozen phase's step skips the encoder's backward: at least 1.5x its forward less work."""
+  model = finetune.build_task_model(tiny_encoder, "segmentation", 2, CFG)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(1e-3)
+  step = finetune.make_step(graphdef, rest, tx, jax.tree.map(jnp.ones_like, params),
+                            kind="segmentation", num_classes=2, smoothing=0.0)
+  xb, yb = jnp.zeros((1, 4, 32, 32, 12)), jnp.zeros((1, 4, 32, 32), jnp.int32)
+
+  def flops(train_encoder):
+    lowered = step.lower(params, tx.init(params), xb, yb, jax.random.key(0), jnp.float32(1e-3),
+                         train_encoder=train_encoder)
+    return lowered.cost_analysis()["flops"]
+
+  encoder_forward = jax.jit(lambda x: model.encoder(x)[0]).lower(xb[0]).cost_analysis()["flops"]
+  assert encoder_forward > 0
+  assert flops(True) - flops(False) >= 1.5 * encoder_forward, (flops(True), flops(False),
+                                                               encoder_forward)
 
 def test_unfrozen_encoder_takes_a_fresh_adam_step(tiny_encoder):
   """Epoch 0 frozen, epoch 1 trained: the encoder's first update is Adam's first step.
