@@ -13,7 +13,9 @@ scene, one band per file. Bands are mapped BY NAME from the file stem:
 * ``..._DEM`` / ``..._elevation`` -> aster elevation; ``..._slope`` -> aster slope. Without
   a slope file, slope is computed from the DEM (`slope_degrees`).
 * Other files (previews, labels) are ignored. ``metadata.json`` in the folder, when present,
-  is merged into every tile's metadata (e.g. ``acquisition_date``).
+  is merged into every tile's metadata (e.g. ``acquisition_date``). Its ``lat``/``long`` is
+  the scene's point: a georeferenced scene of several tiles gives each tile its own position
+  and keeps that point as ``scene_lat``/``scene_long`` (`tiles_from_scene`).
 
 GeoTIFFs are read with tifffile; the georeference comes from the ModelPixelScale /
 ModelTiepoint tags and the EPSG code from the GeoKey directory (rasterio is not needed).
@@ -389,7 +391,18 @@ def load_scene(folder: str) -> tuple[Scene, dict[str, Any]]:
 
 
 class RasterStackSource:
-  """Band folders (one tile or scene each) -> 128x128 tiles. One unit per folder."""
+  """Band folders (one tile or scene each) -> 128x128 tiles. One unit per folder.
+
+  Args:
+    pattern: a band folder, a parent folder of band folders (one scene each) or a glob.
+    pad: emit padded edge tiles instead of rejecting them (module docstring, Tiling).
+    scheme: the source name, also the prefix of each item's ``source``.
+    tile_prefix: names the dataset in the tile ids. The pattern's own folder (a single scene)
+      gets exactly this prefix; a subfolder or glob match gets
+      ``f"{tile_prefix}_{unit_prefix(pattern, unit)}"``, so the scenes of a parent folder
+      keep distinct ids instead of being dropped as duplicates. None: `unit_prefix` alone.
+    extra_metadata: merged into every tile's metadata (below the folder's metadata.json).
+  """
 
   name = "raster"
 
@@ -424,28 +437,46 @@ class RasterStackSource:
     if meta_file.is_file():
       meta.update(json.loads(meta_file.read_text()))
     meta.update(scene_meta)
-    prefix = self.tile_prefix or unit_prefix(self.pattern, unit)
+    prefix = unit_prefix(self.pattern, unit)
+    if self.tile_prefix:  # names the dataset; the unit's path still tells its scenes apart
+      own = pathlib.Path(unit) == pathlib.Path(self.pattern)
+      prefix = self.tile_prefix if own else f"{self.tile_prefix}_{prefix}"
     yield from tiles_from_scene(scene, meta, prefix, f"{self.scheme}:{unit}", self.pad)
 
 
 def tiles_from_scene(scene: Scene, meta: dict[str, Any], prefix: str, source: str,
                      pad: bool) -> Iterator[SourceItem]:
+  """A scene -> its tiles (and a Rejection per partial edge strip).
+
+  Location: ``meta['lat']``/``['long']`` (set by an adapter or a folder's metadata.json) is the
+  scene's point. It is kept when the scene is one tile, or when the raster has no UTM/WGS84
+  georeference (then a tile of a larger scene says ``location_scope: 'scene'``). Otherwise each
+  tile gets the position of its own data, and the given point goes to ``scene_lat``/
+  ``scene_long``: the tiles of a scene can lie km apart, and one point for all of them would put
+  the spatial split's buffer in the wrong place.
+  """
   windows, partial = tile_windows(scene.height, scene.width, pad)
-  single = len(windows) == 1 and not partial
+  single = len(windows) == 1 and not partial  # the one tile is the whole scene
   g = scene.grid
+  given = "lat" in meta  # adapters that know the location better set it themselves
   for r0, c0 in windows:
     arrays, names = scene.window(r0, c0)
     rows, cols = min(TILE, scene.height - r0), min(TILE, scene.width - c0)
     tile_meta = dict(meta)
     tile_id = prefix if single else f"{prefix}_r{r0 // TILE:03d}_c{c0 // TILE:03d}"
     tile_meta["tile_id"] = tile_id
-    if "lat" not in meta:  # adapters that know the location better set it themselves
-      loc = scene.latlon(r0, c0, rows, cols)
+    loc = scene.latlon(r0, c0, rows, cols)
+    if not given or (loc is not None and not single):
+      if meta.get("lat") is not None:
+        tile_meta["scene_lat"], tile_meta["scene_long"] = meta["lat"], meta.get("long")
       if loc is None:
         tile_meta["lat"] = tile_meta["long"] = None
         tile_meta["location_unknown"] = "the raster has no UTM/WGS84 georeference"
       else:
         tile_meta["lat"], tile_meta["long"] = round(loc[0], 7), round(loc[1], 7)
+        tile_meta.pop("location_unknown", None)  # a folder's "unknown" is now known
+    elif not single and meta.get("lat") is not None:
+      tile_meta["location_scope"] = "scene"  # the scene's point, not this tile's
     if g.epsg is not None:
       tile_meta["crs"] = f"EPSG:{g.epsg}"
       tile_meta["map_bounds"] = [g.ulx + g.res_x * c0, g.uly - g.res_y * r0,
@@ -463,9 +494,12 @@ def tiles_from_scene(scene: Scene, meta: dict[str, Any], prefix: str, source: st
 def unit_prefix(pattern: str, unit: str) -> str:
   """A scene folder's tile-id prefix: its path below the pattern's fixed part, '_'-joined.
 
-  `/data/2020/T18SUJ` and `/data/2021/T18SUJ` under `/data` give `2020_T18SUJ` and
-  `2021_T18SUJ`: scenes with the same folder name in different places keep distinct tile ids
-  instead of colliding as duplicates. The pattern's own folder gives its name.
+  The fixed part is the pattern up to its first glob component (all of it for a plain
+  folder). `/data/2020/T18SUJ` and `/data/2021/T18SUJ` found by `/data/*` (or
+  `/data/*/T18SUJ`) give `2020_T18SUJ` and `2021_T18SUJ`: scenes with the same folder name in
+  different places keep distinct tile ids instead of colliding as duplicates. A subfolder of
+  a parent-folder pattern gives its name; the pattern's own folder (nothing below the fixed
+  part) also gives its name, e.g. `T18SUJ` for the pattern `/data/2020/T18SUJ`.
   """
   fixed = []
   for part in pathlib.Path(pattern).parts:

@@ -284,6 +284,67 @@ def test_scenes_with_one_folder_name_in_two_places_keep_distinct_tile_ids(tmp_pa
   assert sorted(t.tile_id for t in tiles) == ["2020_T18SUJ", "2021_T18SUJ"]  # one tile: no r/c suffix
 
 
+def _b02_scene(folder, shape, seed=0, georef=True, meta=None):
+  folder.mkdir(parents=True)
+  data = np.random.default_rng(seed).integers(1, 5000, shape).astype(np.uint16)
+  if georef:
+    _geotiff(folder / "x_B02.tif", data, 400000.0, 5000000.0, 10.0)
+  else:
+    np.save(folder / "B2.npy", data)
+  if meta is not None:
+    (folder / "metadata.json").write_text(json.dumps(meta))
+
+
+def _tile_ids(source):
+  return sorted(i.tile_id for i in _items(source) if isinstance(i, RawSample))
+
+
+def test_fixed_tile_prefix_keeps_the_scenes_of_a_parent_folder_apart(tmp_path):
+  parent = tmp_path / "scenes"
+  _b02_scene(parent / "A", (T, T), seed=1)
+  _b02_scene(parent / "B", (T, 2 * T), seed=2)
+  fixed = raster.RasterStackSource(str(parent), tile_prefix="ds")
+  assert _tile_ids(fixed) == ["ds_A", "ds_B_r000_c000", "ds_B_r000_c001"]
+  assert _tile_ids(raster.RasterStackSource(f"{parent}/*", tile_prefix="ds")) == [
+      "ds_A", "ds_B_r000_c000", "ds_B_r000_c001"]
+  assert _tile_ids(raster.virginia_source(str(parent))) == [
+      "virginia_s2l1c_A", "virginia_s2l1c_B_r000_c000", "virginia_s2l1c_B_r000_c001"]
+  # A single-scene pattern keeps the bare prefix (the released Virginia ids).
+  assert _tile_ids(raster.virginia_source(str(parent / "A"))) == ["virginia_s2l1c"]
+  assert _tile_ids(raster.RasterStackSource(str(parent / "B") + "/", tile_prefix="ds")) == [
+      "ds_r000_c000", "ds_r000_c001"]
+
+
+def test_folder_point_of_a_multi_tile_scene_is_kept_as_scene_lat(tmp_path):
+  folder_point = {"lat": 45.0, "long": 14.0}
+  _b02_scene(tmp_path / "big", (2 * T, 2 * T), meta=folder_point)
+  scene, _ = raster.load_scene(str(tmp_path / "big"))
+  tiles = _items(raster.RasterStackSource(str(tmp_path / "big")))  # no partial strips
+  assert len(tiles) == 4
+  for t in tiles:
+    r, c = int(t.tile_id[-8:-5]), int(t.tile_id[-3:])
+    lat, lon = scene.latlon(r * T, c * T, T, T)
+    assert (t.metadata["lat"], t.metadata["long"]) == (round(lat, 7), round(lon, 7)), t.tile_id
+    assert (t.metadata["scene_lat"], t.metadata["scene_long"]) == (45.0, 14.0)
+    assert "location_scope" not in t.metadata
+    example, _ = validate.to_example(t)
+    assert math.isclose(example["lat"], lat, abs_tol=1e-6)
+  assert len({(t.metadata["lat"], t.metadata["long"]) for t in tiles}) == 4
+  assert all(abs(t.metadata["lat"] - 45.0) > 0.1 for t in tiles)  # UTM 33N (400 km E, 5000 km N)
+
+  # One tile that is the whole scene: the folder's point is the tile's.
+  _b02_scene(tmp_path / "one", (T, T), meta=folder_point)
+  (t,) = _items(raster.RasterStackSource(str(tmp_path / "one")))
+  assert (t.metadata["lat"], t.metadata["long"]) == (45.0, 14.0)
+  assert "scene_lat" not in t.metadata and "location_scope" not in t.metadata
+
+  # Several tiles but no georeference: the folder's point stays, marked as the scene's.
+  _b02_scene(tmp_path / "plain", (2 * T, T), georef=False, meta=folder_point)
+  tiles = _items(raster.RasterStackSource(str(tmp_path / "plain")))
+  assert [(t.metadata["lat"], t.metadata["location_scope"]) for t in tiles] == [(45.0, "scene")] * 2
+  assert not any("scene_lat" in t.metadata for t in tiles)
+
+
 def test_raster_npy_folder_padded(tmp_path):
   rng = np.random.default_rng(1)
   (tmp_path / "p").mkdir()
