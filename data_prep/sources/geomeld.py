@@ -169,14 +169,17 @@ def _read_captions(h5: h5py.File) -> list[str]:
 
 def _sample_from_h5(h5: h5py.File, source: str, stem: str) -> SourceItem:
   meta = _read_metadata(h5)
-  tile_id = ""
-  if meta is not None and isinstance(meta.get("tile_id"), str) and meta["tile_id"].strip():
-    tile_id = meta["tile_id"].strip()
   if meta is None:
     return Rejection(source, stem, "bad_metadata", "metadata missing or not a JSON object")
+  tile_id = meta.get("tile_id")
+  if tile_id is not None and not isinstance(tile_id, str):  # a number is no id: "7" != "07"
+    return Rejection(source, stem, "bad_metadata",
+                     f"metadata tile_id must be a str, got {type(tile_id).__name__} {tile_id!r}")
+  tile_id = (tile_id or "").strip()
   if not tile_id:
     tile_id = stem
     meta["tile_id_from"] = "member_name"  # recorded: the id did not come from the metadata
+  meta["tile_id"] = tile_id
   if mod.SENTINEL2.release_key not in h5:
     return Rejection(source, tile_id, "missing_sentinel2", "member has no sentinel2 dataset")
 

@@ -83,9 +83,16 @@ def test_release_member_variants(tmp_path):
       ("naip.h5", synthetic.sample_h5_bytes(naip["datasets"], naip["metadata"])),
       ("bad_naip.h5", synthetic.sample_h5_bytes(bad_naip, dict(naip["metadata"], tile_id="b"))),
       ("readme.txt", b"hello"),
+      ("blank_id.h5", synthetic.sample_h5_bytes(s["datasets"], dict(meta, tile_id=" "))),
+      ("int_id.h5", synthetic.sample_h5_bytes(s["datasets"], dict(meta, tile_id=7))),
   ])
-  no_id, with_naip, bad, txt = _items(geomeld.GeoMeldReleaseSource(str(tmp_path / "x_n.tar")))
+  no_id, with_naip, bad, txt, blank_id, int_id = _items(
+      geomeld.GeoMeldReleaseSource(str(tmp_path / "x_n.tar")))
   assert no_id.tile_id == "no_id" and no_id.metadata["tile_id_from"] == "member_name"
+  assert no_id.metadata["tile_id"] == "no_id"  # the metadata names the id the record carries
+  assert blank_id.tile_id == blank_id.metadata["tile_id"] == "blank_id"
+  assert validate.to_example(blank_id)[0]["tile_id"] == "blank_id"
+  assert int_id.reason == "bad_metadata" and "got int 7" in int_id.detail
   assert no_id.captions == ["first caption", "second caption"]
   assert "naip" not in with_naip.arrays and with_naip.metadata["naip_present"] is True
   assert with_naip.band_names["sentinel2"] == tuple(
