@@ -5,10 +5,13 @@ Graph (every PCollection carries only bytes / str / int / tuples of them; no pic
   Create[(source spec, unit)] -> Reshuffle
     -> ParDo(ReadEncodeFn)        one DoFn reads a unit, validates, captions, assigns the
        |                          spatial block/split and serialises the record; it emits
-       |   main: (shard, (tile_id, source, split, detail, record, counters_json, captions_json))
+       |   main: (tile_id, source, split, detail, record, counters_json, captions_json)
        |   'rejected': Rejection JSON      'units': per-unit read/emitted/rejected counts
-    -> GroupByKey(shard)          shard = sha256(tile_id) mod num_shards, so every copy of a
-       |                          tile id meets in one group, whatever the number of workers
+    -> Map(key by shard)          shard = sha256(tile_id) mod num_shards, so every copy of a
+       |                          tile id meets in one group, whatever the number of workers;
+       |                          num_shards is a side input: --num_shards, or auto from the
+       |                          record bytes read (`auto_num_shards`)
+    -> GroupByKey(shard)
     -> ParDo(WriteShardsFn)       dedupe (lowest source string wins; the rest are
        |                          'duplicate_tile_id'), drop 'spatial_buffer' tiles, sort by
        |                          tile_id, write one ArrayRecord part per (split, shard)
@@ -76,7 +79,10 @@ class BuildConfig:
   name: str = "geomeld"
   version: str = records.RECORD_VERSION
   overwrite: bool = False
-  num_shards: int = 0  # 0: one per source unit, at most MAX_AUTO_SHARDS
+  num_shards: int = 0  # 0: auto (`auto_num_shards`)
+  # The write stage holds one shard's records in memory (dedupe and sort need all of them):
+  # auto sharding gives each shard at most this many bytes of serialized records.
+  auto_shard_bytes: int = 256 << 20
   split: splits.SplitConfig = splits.SplitConfig()
   vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE
   captioner: str = "passthrough"
@@ -121,6 +127,15 @@ def shard_of(tile_id: str, num_shards: int) -> int:
   return int.from_bytes(hashlib.sha256(tile_id.encode("utf-8")).digest()[:8], "big") % num_shards
 
 
+def auto_num_shards(record_bytes: int, num_units: int, shard_bytes: int) -> int:
+  """One shard per source unit and at least one per `shard_bytes` of records; <= MAX_AUTO_SHARDS.
+
+  Units alone are not enough: a raster unit is a whole scene (a Sentinel-2 tile of 10,980 px
+  is ~7,000 tiles, ~12 GB of records), which as one shard would not fit a worker's memory.
+  """
+  return min(MAX_AUTO_SHARDS, max(1, num_units, -(-record_bytes // shard_bytes)))
+
+
 def plan_units(source_specs: Sequence[str]) -> list[tuple[str, str]]:
   """Every (spec, unit) of the build; a missing path or an empty glob raises here, first."""
   if not source_specs:
@@ -138,13 +153,11 @@ def plan_units(source_specs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 class ReadEncodeFn(beam.DoFn):
-  """(spec, unit) -> keyed serialized records, plus rejections and per-unit read counts."""
+  """(spec, unit) -> serialized records, plus rejections and per-unit read counts."""
 
-  def __init__(self, split_config: splits.SplitConfig, captioner: str, num_shards: int,
-               log_every: int):
+  def __init__(self, split_config: splits.SplitConfig, captioner: str, log_every: int):
     self._split_config = split_config
     self._captioner = captioner
-    self._num_shards = num_shards
     self._log_every = log_every
 
   def setup(self):
@@ -187,8 +200,7 @@ class ReadEncodeFn(beam.DoFn):
       rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
       logging.info("read+encode: %d samples on this worker, %.1f samples/s", self._seen, rate)
 
-  def _encode(self, item: RawSample | Rejection, spec: str, unit: str
-              ) -> Rejection | tuple[int, tuple]:
+  def _encode(self, item: RawSample | Rejection, spec: str, unit: str) -> Rejection | tuple:
     if isinstance(item, Rejection):
       return item
     result = validate.to_example(item)
@@ -211,10 +223,9 @@ class ReadEncodeFn(beam.DoFn):
     else:
       records.check_example(example)
       record = self._serialize(example)
-    value = (tile_id, source, assignment.split, assignment.detail, record,
-             json.dumps(counters, sort_keys=True),
-             json.dumps(list(example["captions"]), ensure_ascii=False))
-    return shard_of(tile_id, self._num_shards), value
+    return (tile_id, source, assignment.split, assignment.detail, record,
+            json.dumps(counters, sort_keys=True),
+            json.dumps(list(example["captions"]), ensure_ascii=False))
 
 
 # Dead-letter reasons for exceptions no check anticipated (`_guarded`, `ReadEncodeFn`).
@@ -343,8 +354,20 @@ class SumCountersFn(beam.CombineFn):
     return JsonDictCoder()
 
 
+def _record_size(value: tuple) -> int:
+  return len(value[_RECORD])
+
+
+def _num_shards(record_bytes: int, requested: int, num_units: int, shard_bytes: int) -> int:
+  return requested or auto_num_shards(record_bytes, num_units, shard_bytes)
+
+
+def _key_by_shard(value: tuple, num_shards: int) -> tuple[int, tuple]:
+  return shard_of(value[_TILE], num_shards), value
+
+
 def build_graph(p: beam.Pipeline, plan: Sequence[tuple[str, str]], parts_dir: str,
-                config: BuildConfig, num_shards: int) -> None:
+                config: BuildConfig) -> None:
   """Adds the build's transforms to `p`; outputs land as files under `parts_dir`."""
 
   def text(pcoll, name: str, single: bool):
@@ -354,16 +377,24 @@ def build_graph(p: beam.Pipeline, plan: Sequence[tuple[str, str]], parts_dir: st
                                                            shard_name_template="")
     return pcoll | f"Write{name}" >> beam.io.WriteToText(prefix, file_name_suffix=".txt")
 
-  value_type = beam.typehints.Tuple[int, beam.typehints.Tuple[str, str, str, str, bytes, str, str]]
+  value_type = beam.typehints.Tuple[str, str, str, str, bytes, str, str]
   read = (
       p
       | "Units" >> beam.Create([tuple(u) for u in plan])
       | "SpreadUnits" >> beam.Reshuffle()
-      | "ReadEncode" >> beam.ParDo(ReadEncodeFn(config.split, config.captioner, num_shards,
-                                                config.log_every))
+      | "ReadEncode" >> beam.ParDo(ReadEncodeFn(config.split, config.captioner, config.log_every))
       .with_output_types(value_type).with_outputs("rejected", "units", main="samples"))
+  num_shards = (
+      read.samples
+      | "RecordBytes" >> beam.Map(_record_size)
+      | "SumRecordBytes" >> beam.CombineGlobally(sum)
+      | "NumShards" >> beam.Map(_num_shards, config.num_shards, len(plan),
+                                config.auto_shard_bytes))
+  text(num_shards | "NumShardsText" >> beam.Map(str), "num_shards", single=True)
   written = (
       read.samples
+      | "KeyByShard" >> beam.Map(_key_by_shard, beam.pvalue.AsSingleton(num_shards))
+      .with_output_types(beam.typehints.Tuple[int, value_type])
       | "ByShard" >> beam.GroupByKey()
       | "WriteShards" >> beam.ParDo(WriteShardsFn(parts_dir, config.compression)).with_outputs(
           "rejected", "counters", "train_records", "train_captions", "shard_totals",
@@ -432,17 +463,16 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
                           "to replace it")
   plan = plan_units(config.sources)
   caption_stage_lib.make_caption_stage(config.captioner)  # unknown names fail now
-  num_shards = config.num_shards or min(MAX_AUTO_SHARDS, max(1, len(plan)))
-  if num_shards < 1:
-    raise ValueError(f"num_shards must be >= 1 (or 0 for auto), got {config.num_shards}")
+  if config.num_shards < 0 or config.auto_shard_bytes < 1:
+    raise ValueError(f"num_shards must be >= 1 (or 0 for auto) and auto_shard_bytes >= 1, got "
+                     f"{config.num_shards} and {config.auto_shard_bytes}")
 
   build_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
   tmp_dir = writer.temporary_dir_for(final_dir, build_id)
   parts_dir = writer.join(tmp_dir, PARTS)
   if writer.is_local(tmp_dir):
     os.makedirs(parts_dir)
-  logging.info("building %s from %d units into %s (%d shards)", final_dir, len(plan), tmp_dir,
-               num_shards)
+  logging.info("building %s from %d units into %s", final_dir, len(plan), tmp_dir)
   try:
     options = PipelineOptions(list(beam_args))
     direct = options.view_as(DirectOptions)
@@ -454,7 +484,7 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
                       "intermittently drops elements in the FnApiRunner; builds that hit it "
                       "fail reconciliation. Prefer --direct_running_mode=multi_processing.")
     with beam.Pipeline(options=options) as p:
-      build_graph(p, plan, parts_dir, config, num_shards)
+      build_graph(p, plan, parts_dir, config)
     pipeline_s = time.perf_counter() - start
     manifest = _finalize(config, plan, tmp_dir, parts_dir, beam_args, start, pipeline_s)
     writer.commit(tmp_dir, final_dir, config.overwrite)
@@ -494,6 +524,7 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
     logging.warning("%d dead letters are %r (see dead_letters.jsonl), e.g. %s: %s",
                     by_reason[reason], reason, first["source"], first["detail"])
 
+  num_shards = int(writer.read_lines(writer.join(parts_dir, "num_shards"))[0])
   units = [json.loads(line) for line in writer.read_lines(writer.join(parts_dir, "units*"))]
   shard_totals = [json.loads(line)
                   for line in writer.read_lines(writer.join(parts_dir, "shard_totals*"))]
@@ -541,6 +572,7 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
       "samples_per_s": read / elapsed if elapsed > 0 else 0.0,
       "flags": {**config.to_json(), "beam_args": list(beam_args)},
       "num_shards_requested": config.num_shards,
+      "num_shards": num_shards,  # hash buckets of tile ids; empty (split, shard) parts are skipped
       "read": read,
       "written": written,
       "rejected": len(rejections),
