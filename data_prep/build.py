@@ -50,11 +50,11 @@ _OVERWRITE = flags.DEFINE_boolean("overwrite", False,
                                   "Replace an existing dataset directory once the build succeeds.")
 _NUM_SHARDS = flags.DEFINE_integer(
     "num_shards", 0, "Hash buckets of tile ids = max record files per split; 0 = auto: one per "
-    "input unit and at least one per --auto_shard_mb of records (at most 1024). A shard's "
-    "records must fit in a worker's memory.")
+    "input unit or one per --auto_shard_mb of input, whichever is more (at most 1024). A "
+    "shard's records must fit in a worker's memory.")
 _AUTO_SHARD_MB = flags.DEFINE_integer(
-    "auto_shard_mb", 256, "With --num_shards=0: at most this many MiB of serialized records "
-    "per shard (the write stage holds one shard in memory).")
+    "auto_shard_mb", 256, "With --num_shards=0: about this many MiB of input files per shard "
+    "(the write stage holds one shard in memory).")
 _BLOCK_SIZE_M = flags.DEFINE_float("block_size_m", 10_000.0,
                                    "Side of the spatial blocks that decide splits, in metres.")
 _SPLIT_FRACTIONS = flags.DEFINE_string("split_fractions", "0.8,0.1,0.1",

@@ -5,13 +5,10 @@ Graph (every PCollection carries only bytes / str / int / tuples of them; no pic
   Create[(source spec, unit)] -> Reshuffle
     -> ParDo(ReadEncodeFn)        one DoFn reads a unit, validates, captions, assigns the
        |                          spatial block/split and serialises the record; it emits
-       |   main: (tile_id, source, split, detail, record, counters_json, captions_json)
+       |   main: (shard, (tile_id, source, split, detail, record, counters_json, captions_json))
        |   'rejected': Rejection JSON      'units': per-unit read/emitted/rejected counts
-    -> Map(key by shard)          shard = sha256(tile_id) mod num_shards, so every copy of a
-       |                          tile id meets in one group, whatever the number of workers;
-       |                          num_shards is a side input: --num_shards, or auto from the
-       |                          record bytes read (`auto_num_shards`)
-    -> GroupByKey(shard)
+    -> GroupByKey(shard)          shard = sha256(tile_id) mod num_shards, so every copy of a
+       |                          tile id meets in one group, whatever the number of workers
     -> ParDo(WriteShardsFn)       dedupe (lowest source string wins; the rest are
        |                          'duplicate_tile_id'), drop 'spatial_buffer' tiles, sort by
        |                          tile_id, write one ArrayRecord part per (split, shard)
@@ -81,7 +78,7 @@ class BuildConfig:
   overwrite: bool = False
   num_shards: int = 0  # 0: auto (`auto_num_shards`)
   # The write stage holds one shard's records in memory (dedupe and sort need all of them):
-  # auto sharding gives each shard at most this many bytes of serialized records.
+  # auto sharding aims at about this many bytes of input per shard.
   auto_shard_bytes: int = 256 << 20
   split: splits.SplitConfig = splits.SplitConfig()
   vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE
@@ -127,13 +124,18 @@ def shard_of(tile_id: str, num_shards: int) -> int:
   return int.from_bytes(hashlib.sha256(tile_id.encode("utf-8")).digest()[:8], "big") % num_shards
 
 
-def auto_num_shards(record_bytes: int, num_units: int, shard_bytes: int) -> int:
-  """One shard per source unit and at least one per `shard_bytes` of records; <= MAX_AUTO_SHARDS.
+def auto_num_shards(input_bytes: int, num_units: int, shard_bytes: int) -> int:
+  """One shard per source unit and one per `shard_bytes` of input, whichever is more; at most
+  MAX_AUTO_SHARDS.
 
   Units alone are not enough: a raster unit is a whole scene (a Sentinel-2 tile of 10,980 px
-  is ~7,000 tiles, ~12 GB of records), which as one shard would not fit a worker's memory.
+  is ~7,000 tiles, ~12 GB of records), which as one shard would not fit a worker's memory. The
+  input's size is known on the driver before the pipeline starts (`Source.input_bytes`), so the
+  count is deterministic and costs no extra pass over the data; records take about as many
+  bytes as their input (both store compact integer dtypes), and hashing spreads tiles unevenly,
+  so a shard's size is near this target, not bounded by it.
   """
-  return min(MAX_AUTO_SHARDS, max(1, num_units, -(-record_bytes // shard_bytes)))
+  return min(MAX_AUTO_SHARDS, max(1, num_units, -(-input_bytes // shard_bytes)))
 
 
 def plan_units(source_specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -153,11 +155,13 @@ def plan_units(source_specs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 class ReadEncodeFn(beam.DoFn):
-  """(spec, unit) -> serialized records, plus rejections and per-unit read counts."""
+  """(spec, unit) -> keyed serialized records, plus rejections and per-unit read counts."""
 
-  def __init__(self, split_config: splits.SplitConfig, captioner: str, log_every: int):
+  def __init__(self, split_config: splits.SplitConfig, captioner: str, num_shards: int,
+               log_every: int):
     self._split_config = split_config
     self._captioner = captioner
+    self._num_shards = num_shards
     self._log_every = log_every
 
   def setup(self):
@@ -200,7 +204,8 @@ class ReadEncodeFn(beam.DoFn):
       rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
       logging.info("read+encode: %d samples on this worker, %.1f samples/s", self._seen, rate)
 
-  def _encode(self, item: RawSample | Rejection, spec: str, unit: str) -> Rejection | tuple:
+  def _encode(self, item: RawSample | Rejection, spec: str, unit: str
+              ) -> Rejection | tuple[int, tuple]:
     if isinstance(item, Rejection):
       return item
     result = validate.to_example(item)
@@ -223,9 +228,10 @@ class ReadEncodeFn(beam.DoFn):
     else:
       records.check_example(example)
       record = self._serialize(example)
-    return (tile_id, source, assignment.split, assignment.detail, record,
-            json.dumps(counters, sort_keys=True),
-            json.dumps(list(example["captions"]), ensure_ascii=False))
+    value = (tile_id, source, assignment.split, assignment.detail, record,
+             json.dumps(counters, sort_keys=True),
+             json.dumps(list(example["captions"]), ensure_ascii=False))
+    return shard_of(tile_id, self._num_shards), value
 
 
 # Dead-letter reasons for exceptions no check anticipated (`_guarded`, `ReadEncodeFn`).
@@ -354,20 +360,8 @@ class SumCountersFn(beam.CombineFn):
     return JsonDictCoder()
 
 
-def _record_size(value: tuple) -> int:
-  return len(value[_RECORD])
-
-
-def _num_shards(record_bytes: int, requested: int, num_units: int, shard_bytes: int) -> int:
-  return requested or auto_num_shards(record_bytes, num_units, shard_bytes)
-
-
-def _key_by_shard(value: tuple, num_shards: int) -> tuple[int, tuple]:
-  return shard_of(value[_TILE], num_shards), value
-
-
 def build_graph(p: beam.Pipeline, plan: Sequence[tuple[str, str]], parts_dir: str,
-                config: BuildConfig) -> None:
+                config: BuildConfig, num_shards: int) -> None:
   """Adds the build's transforms to `p`; outputs land as files under `parts_dir`."""
 
   def text(pcoll, name: str, single: bool):
@@ -377,24 +371,16 @@ def build_graph(p: beam.Pipeline, plan: Sequence[tuple[str, str]], parts_dir: st
                                                            shard_name_template="")
     return pcoll | f"Write{name}" >> beam.io.WriteToText(prefix, file_name_suffix=".txt")
 
-  value_type = beam.typehints.Tuple[str, str, str, str, bytes, str, str]
+  value_type = beam.typehints.Tuple[int, beam.typehints.Tuple[str, str, str, str, bytes, str, str]]
   read = (
       p
       | "Units" >> beam.Create([tuple(u) for u in plan])
       | "SpreadUnits" >> beam.Reshuffle()
-      | "ReadEncode" >> beam.ParDo(ReadEncodeFn(config.split, config.captioner, config.log_every))
+      | "ReadEncode" >> beam.ParDo(ReadEncodeFn(config.split, config.captioner, num_shards,
+                                                config.log_every))
       .with_output_types(value_type).with_outputs("rejected", "units", main="samples"))
-  num_shards = (
-      read.samples
-      | "RecordBytes" >> beam.Map(_record_size)
-      | "SumRecordBytes" >> beam.CombineGlobally(sum)
-      | "NumShards" >> beam.Map(_num_shards, config.num_shards, len(plan),
-                                config.auto_shard_bytes))
-  text(num_shards | "NumShardsText" >> beam.Map(str), "num_shards", single=True)
   written = (
       read.samples
-      | "KeyByShard" >> beam.Map(_key_by_shard, beam.pvalue.AsSingleton(num_shards))
-      .with_output_types(beam.typehints.Tuple[int, value_type])
       | "ByShard" >> beam.GroupByKey()
       | "WriteShards" >> beam.ParDo(WriteShardsFn(parts_dir, config.compression)).with_outputs(
           "rejected", "counters", "train_records", "train_captions", "shard_totals",
@@ -466,13 +452,22 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
   if config.num_shards < 0 or config.auto_shard_bytes < 1:
     raise ValueError(f"num_shards must be >= 1 (or 0 for auto) and auto_shard_bytes >= 1, got "
                      f"{config.num_shards} and {config.auto_shard_bytes}")
+  sources = {spec: registry.make_source(spec) for spec in sorted({spec for spec, _ in plan})}
+  input_bytes = sum(sources[spec].input_bytes(unit) for spec, unit in plan)
+  num_shards = config.num_shards or auto_num_shards(input_bytes, len(plan),
+                                                    config.auto_shard_bytes)
+  if not config.num_shards and num_shards * config.auto_shard_bytes < input_bytes:
+    logging.warning("%d automatic shards (the most) hold about %.1f GiB of input each; pass "
+                    "--num_shards if that does not fit a worker's memory", num_shards,
+                    input_bytes / num_shards / 2**30)
 
   build_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
   tmp_dir = writer.temporary_dir_for(final_dir, build_id)
   parts_dir = writer.join(tmp_dir, PARTS)
   if writer.is_local(tmp_dir):
     os.makedirs(parts_dir)
-  logging.info("building %s from %d units into %s", final_dir, len(plan), tmp_dir)
+  logging.info("building %s from %d units (%.1f MiB of input) into %s (%d shards)", final_dir,
+               len(plan), input_bytes / 2**20, tmp_dir, num_shards)
   try:
     options = PipelineOptions(list(beam_args))
     direct = options.view_as(DirectOptions)
@@ -484,9 +479,10 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
                       "intermittently drops elements in the FnApiRunner; builds that hit it "
                       "fail reconciliation. Prefer --direct_running_mode=multi_processing.")
     with beam.Pipeline(options=options) as p:
-      build_graph(p, plan, parts_dir, config)
+      build_graph(p, plan, parts_dir, config, num_shards)
     pipeline_s = time.perf_counter() - start
-    manifest = _finalize(config, plan, tmp_dir, parts_dir, beam_args, start, pipeline_s)
+    manifest = _finalize(config, plan, tmp_dir, parts_dir, beam_args, start, pipeline_s,
+                         {"num_shards": num_shards, "input_bytes": input_bytes})
     writer.commit(tmp_dir, final_dir, config.overwrite)
   except BaseException:
     writer.delete_tree(tmp_dir)
@@ -496,7 +492,7 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
 
 def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str,
               parts_dir: str, beam_args: Sequence[str], start: float,
-              pipeline_s: float) -> dict[str, Any]:
+              pipeline_s: float, sharding: dict[str, int]) -> dict[str, Any]:
   """Driver side: TFDS names, metadata, stats, dead letters, tokenizer, manifest."""
   # Records: number the non-empty parts of each split in shard order.
   parts: dict[str, list[dict]] = collections.defaultdict(list)
@@ -524,7 +520,6 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
     logging.warning("%d dead letters are %r (see dead_letters.jsonl), e.g. %s: %s",
                     by_reason[reason], reason, first["source"], first["detail"])
 
-  num_shards = int(writer.read_lines(writer.join(parts_dir, "num_shards"))[0])
   units = [json.loads(line) for line in writer.read_lines(writer.join(parts_dir, "units*"))]
   shard_totals = [json.loads(line)
                   for line in writer.read_lines(writer.join(parts_dir, "shard_totals*"))]
@@ -572,7 +567,7 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
       "samples_per_s": read / elapsed if elapsed > 0 else 0.0,
       "flags": {**config.to_json(), "beam_args": list(beam_args)},
       "num_shards_requested": config.num_shards,
-      "num_shards": num_shards,  # hash buckets of tile ids; empty (split, shard) parts are skipped
+      **sharding,  # num_shards: hash buckets of tile ids (empty (split, shard) parts are skipped)
       "read": read,
       "written": written,
       "rejected": len(rejections),

@@ -80,6 +80,9 @@ class GeoMeldReleaseSource:
   def fingerprint(self, unit: str) -> str:
     return fingerprint_file(unit)
 
+  def input_bytes(self, unit: str) -> int:
+    return os.path.getsize(unit)
+
   def read(self, unit: str) -> Iterator[SourceItem]:
     provenance = f"{self.scheme}:{unit}"
     current = ""

@@ -62,6 +62,7 @@ class MMEarthSource:
     self.path = path_to_h5
     self.chunk_size = chunk_size
     self._tile_info: dict[str, Any] | None = None
+    self._num_tiles: int | None = None
 
   def _check_files(self) -> None:
     if not os.path.isfile(self.path):
@@ -87,6 +88,13 @@ class MMEarthSource:
   def fingerprint(self, unit: str) -> str:
     path, start, stop = _parse_unit(unit)
     return f"{fingerprint_file(path)}#{start}:{stop}"
+
+  def input_bytes(self, unit: str) -> int:
+    path, start, stop = _parse_unit(unit)
+    if self._num_tiles is None:
+      with h5py.File(path, "r") as f:
+        self._num_tiles = f["sentinel2"].shape[0]
+    return os.path.getsize(path) * (stop - start) // max(1, self._num_tiles)
 
   def _load_tile_info(self) -> dict[str, Any]:
     if self._tile_info is None:

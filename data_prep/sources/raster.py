@@ -430,6 +430,9 @@ class RasterStackSource:
   def fingerprint(self, unit: str) -> str:
     return "|".join(f"{p.name}={fingerprint_file(str(p))}" for p, _, _ in band_files(unit))
 
+  def input_bytes(self, unit: str) -> int:
+    return sum(os.path.getsize(p) for p, _, _ in band_files(unit))
+
   def read(self, unit: str) -> Iterator[SourceItem]:
     scene, scene_meta = load_scene(unit)
     meta = dict(self.extra_metadata)
@@ -458,7 +461,7 @@ def tiles_from_scene(scene: Scene, meta: dict[str, Any], prefix: str, source: st
   windows, partial = tile_windows(scene.height, scene.width, pad)
   single = len(windows) == 1 and not partial  # the one tile is the whole scene
   g = scene.grid
-  given = "lat" in meta  # adapters that know the location better set it themselves
+  given = meta.get("lat") is not None  # adapters that know the location better set it themselves
   for r0, c0 in windows:
     arrays, names = scene.window(r0, c0)
     rows, cols = min(TILE, scene.height - r0), min(TILE, scene.width - c0)
@@ -467,15 +470,15 @@ def tiles_from_scene(scene: Scene, meta: dict[str, Any], prefix: str, source: st
     tile_meta["tile_id"] = tile_id
     loc = scene.latlon(r0, c0, rows, cols)
     if not given or (loc is not None and not single):
-      if meta.get("lat") is not None:
+      if given:
         tile_meta["scene_lat"], tile_meta["scene_long"] = meta["lat"], meta.get("long")
       if loc is None:
         tile_meta["lat"] = tile_meta["long"] = None
-        tile_meta["location_unknown"] = "the raster has no UTM/WGS84 georeference"
+        tile_meta.setdefault("location_unknown", "the raster has no UTM/WGS84 georeference")
       else:
         tile_meta["lat"], tile_meta["long"] = round(loc[0], 7), round(loc[1], 7)
         tile_meta.pop("location_unknown", None)  # a folder's "unknown" is now known
-    elif not single and meta.get("lat") is not None:
+    elif not single:
       tile_meta["location_scope"] = "scene"  # the scene's point, not this tile's
     if g.epsg is not None:
       tile_meta["crs"] = f"EPSG:{g.epsg}"
@@ -570,6 +573,10 @@ class EOLearnSource:
   def fingerprint(self, unit: str) -> str:
     return fingerprint_file(str(self._path("REFERENCE_SCENES.npy"))) + "#" + unit.rsplit("#", 1)[1]
 
+  def input_bytes(self, unit: str) -> int:
+    del unit  # every unit is one date of the same small patch
+    return np.load(self._path("REFERENCE_SCENES.npy"), mmap_mode="r")[0].nbytes
+
   def read(self, unit: str) -> Iterator[SourceItem]:
     k = int(unit.rsplit("#", 1)[1])
     scenes = np.load(self._path("REFERENCE_SCENES.npy"), mmap_mode="r")
@@ -656,6 +663,11 @@ class BigEarthNetSource:
     if unit.endswith(".npz"):
       return fingerprint_file(unit)
     return "|".join(f"{p.name}={fingerprint_file(str(p))}" for p in sorted(pathlib.Path(unit).iterdir()))
+
+  def input_bytes(self, unit: str) -> int:
+    if unit.endswith(".npz"):
+      return os.path.getsize(unit)
+    return sum(p.stat().st_size for p in pathlib.Path(unit).iterdir() if p.is_file())
 
   def read(self, unit: str) -> Iterator[SourceItem]:
     if unit.endswith(".npz"):

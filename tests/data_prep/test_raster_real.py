@@ -74,7 +74,9 @@ def test_virginia_record_round_trip(virginia):
 
 def test_eolearn_with_dem_and_padding(shared_data):
   folder = shared_data / "eolearn_slovenia_s2_dem_lulc"
-  items = _items(raster.EOLearnSource(str(folder)))
+  source = raster.EOLearnSource(str(folder))
+  assert all(source.input_bytes(u) == 101 * 100 * 13 * 4 for u in source.units())  # one float32 date
+  items = _items(source)
   examples = _examples(items)
   assert len(items) == len(examples) == 5
   assert sorted(e["date"] for _, e, _ in examples) == [
@@ -99,7 +101,9 @@ def test_eolearn_with_dem_and_padding(shared_data):
 
 
 def test_bigearthnet_patches(shared_data):
-  items = _items(raster.BigEarthNetSource(str(shared_data / "bigearthnet")))
+  source = raster.BigEarthNetSource(str(shared_data / "bigearthnet"))
+  assert all(source.input_bytes(u) > 10_000 for u in source.units())  # 12 bands of 120x120 or more
+  items = _items(source)
   examples = _examples(items)
   assert len(items) == len(examples) == 36
   orbits = {}

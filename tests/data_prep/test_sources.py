@@ -190,6 +190,8 @@ def test_mmearth_source(tmp_path):
   path = _write_mmearth(tmp_path)
   src = mmearth.MMEarthSource(path, chunk_size=3)
   assert src.units() == [f"{path}#0:3", f"{path}#3:4"]
+  assert [src.input_bytes(u) for u in src.units()] == [
+      os.path.getsize(path) * 3 // 4, os.path.getsize(path) // 4]  # a chunk's share of the file
   items = _items(src)
   assert [i.tile_id for i in items] == ["tile0", "tile1", "tile2", "tile3"]
   s2 = items[0].arrays["sentinel2"]
@@ -312,6 +314,8 @@ def test_fixed_tile_prefix_keeps_the_scenes_of_a_parent_folder_apart(tmp_path):
   _b02_scene(parent / "B", (T, 2 * T), seed=2)
   fixed = raster.RasterStackSource(str(parent), tile_prefix="ds")
   assert _tile_ids(fixed) == ["ds_A", "ds_B_r000_c000", "ds_B_r000_c001"]
+  assert [fixed.input_bytes(u) for u in fixed.units()] == [
+      os.path.getsize(parent / s / "x_B02.tif") for s in ("A", "B")]
   assert _tile_ids(raster.RasterStackSource(f"{parent}/*", tile_prefix="ds")) == [
       "ds_A", "ds_B_r000_c000", "ds_B_r000_c001"]
   assert _tile_ids(raster.virginia_source(str(parent))) == [
@@ -344,6 +348,12 @@ def test_folder_point_of_a_multi_tile_scene_is_kept_as_scene_lat(tmp_path):
   (t,) = _items(raster.RasterStackSource(str(tmp_path / "one")))
   assert (t.metadata["lat"], t.metadata["long"]) == (45.0, 14.0)
   assert "scene_lat" not in t.metadata and "location_scope" not in t.metadata
+
+  # A null lat says nothing: the georeference gives the position.
+  _b02_scene(tmp_path / "null", (T, T), meta={"lat": None, "long": None})
+  (t,) = _items(raster.RasterStackSource(str(tmp_path / "null")))
+  assert t.metadata["lat"] == round(scene.latlon(0, 0, T, T)[0], 7)  # same corner as "big"
+  assert "scene_lat" not in t.metadata and "location_unknown" not in t.metadata
 
   # Several tiles but no georeference: the folder's point stays, marked as the scene's.
   _b02_scene(tmp_path / "plain", (2 * T, T), georef=False, meta=folder_point)
