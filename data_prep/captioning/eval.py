@@ -18,8 +18,9 @@ in half the candidates (standing in for a hallucinating language model), so the 
 verification shows. Reported: claim precision (claims supported by the labels, after
 verification), hallucination rate (claims contradicted by or unsupported in the labels) before
 verification (all raw candidates) and after (final captions), the share of final captions
-with any hallucination, the verifier's own precision against the attributes it saw, attribute
-coverage, distinct-n diversity and the caption length distribution.
+with any hallucination, the share that still holds the planted object ("a golf course", which
+no attribute can check and the claim counts cannot see), the verifier's own precision against the
+attributes it saw, attribute coverage, distinct-n diversity and the caption length distribution.
 """
 
 from __future__ import annotations
@@ -255,9 +256,12 @@ def _lulc_truth(record: orchestrator.AttributeRecord, lulc: np.ndarray
 # ----------------------------------------------------------------------------------------
 
 
+PLANTED_OBJECT = "a golf course"  # no attribute confirms or denies it: no claim parses it
+
+
 def plant_false_claim(caption: str, record: orchestrator.AttributeRecord,
                       rng: np.random.Generator) -> str:
-  """Appends one statement the record contradicts."""
+  """Appends one statement the record contradicts or cannot support."""
   options = []
   fr = record.value("landcover.fractions") or {}
   absent = [c for c in ("snow", "wetland", "bare", "built", "cropland") if fr.get(c, 0.0) == 0]
@@ -273,8 +277,10 @@ def plant_false_claim(caption: str, record: orchestrator.AttributeRecord,
   if wp is not None and wp < 0.2:
     options.append("a lake in the north")
   options.append("near Springfield")
-  clause = options[int(rng.integers(len(options)))]
-  return caption.rstrip(".") + f", {clause}."
+  options = [f", {o}" for o in options]
+  # An invented object joined to the last clause, which may hold a supported claim.
+  options.append(f" and {PLANTED_OBJECT}")
+  return caption.rstrip(".") + options[int(rng.integers(len(options)))] + "."
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,6 +342,9 @@ def evaluate(tiles: list[LabelledTile], k: int = 4, seed: int = 0, plant: float 
       "hallucination_before": round(rate(before), 4),
       "hallucination_after": round(rate(after), 4),
       "captions_with_hallucination": round(captions_with_halluc / max(1, len(finals)), 4),
+      # The planted object is no claim, so the claim counts above cannot see it survive.
+      "captions_with_planted_object": round(
+          sum(PLANTED_OBJECT in c for c in finals) / max(1, len(finals)), 4),
       "verifier_precision_raw": round(float(np.mean(own_precision)) if own_precision else 0, 4),
       "attribute_coverage": round(float(np.mean(coverages)) if coverages else 0.0, 4),
       "distinct_1": round(distinct_n(finals, 1), 4), "distinct_2": round(distinct_n(finals, 2), 4),
@@ -372,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     report[name] = evaluate(tiles, args.k, args.seed, 0.0)
     report[f"{name}+planted"] = evaluate(tiles, args.k, args.seed, args.plant)
   cols = ("tiles", "rejected", "claims_after", "claim_precision", "hallucination_before",
-          "hallucination_after", "captions_with_hallucination", "attribute_coverage",
-          "distinct_2")
+          "hallucination_after", "captions_with_hallucination", "captions_with_planted_object",
+          "attribute_coverage", "distinct_2")
   print("| set | " + " | ".join(cols) + " | words median (min-max) |")
   print("|" + "---|" * (len(cols) + 2))
   for name, r in report.items():

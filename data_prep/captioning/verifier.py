@@ -11,10 +11,10 @@ canopy height, tall/low trees, tree cover, densely built, season, month, hemisph
 Checks use the tolerances in `lexicon` against attributes with confidence >= 0.5; a claim on
 an unknown or low-confidence attribute is `unsupported`. Verdicts: supported, contradicted,
 unsupported. Actions: a contradicted extent, number or season is rewritten to the measured
-value; any other contradicted or unsupported claim removes its clause, as does a name, link or
-number that no claim accounts for (`unchecked_content`); a sentence left with no
-supported claim is removed (so text without verifiable content, e.g. instructions injected
-through metadata, never survives); a caption left with nothing is rejected.
+value; any other contradicted or unsupported claim removes its clause, as does a name, link,
+number or object ("a golf course") that no claim accounts for (`unchecked_content`); a sentence
+left with no supported claim is removed (so text without verifiable content, e.g. instructions
+injected through metadata, never survives); a caption left with nothing is rejected.
 """
 
 from __future__ import annotations
@@ -256,20 +256,39 @@ _LEFTOVER_NAME_RE = re.compile(r"(?<![\w.-])[A-Z][a-z]+")
 _LEFTOVER_LINK_RE = re.compile(r"https?:|www\.|@|\b\w+\.(?:com|org|net|io|info|ru|cn)\b", re.I)
 _LEFTOVER_NUMBER_RE = re.compile(r"\d")
 _SENSOR_RE = re.compile(r"\bSentinel-?[12]\b")
+# Objects and places that no attribute confirms or denies: what remote-sensing captioners are
+# known to invent ("a golf course", "ships in the harbour"). Outside a claim they make a clause
+# unchecked, as a name or a number does. Words the lexicon uses for checkable cover
+# ("buildings", "fields", "reservoir", "urban") are not listed: they parse as claims.
+_OBJECT_WORDS = (
+    r"roads?", r"streets?", r"highways?", r"motorways?", r"railways?", r"railroads?", r"trains?",
+    r"airports?", r"airfields?", r"runways?", r"aircraft", r"air ?planes?", r"planes?",
+    r"helicopters?", r"ports?", r"harbou?rs?", r"docks?", r"piers?", r"marinas?", r"ships?",
+    r"boats?", r"vessels?", r"bridges?", r"dams?", r"mines?", r"quarr(?:y|ies)", r"stadiums?",
+    r"golf", r"power (?:plants?|stations?)", r"nuclear", r"solar", r"turbines?", r"wind farms?",
+    r"factor(?:y|ies)", r"industrial", r"warehouses?", r"tanks?", r"oil", r"pipelines?",
+    r"parking", r"car parks?", r"courts?", r"(?:swimming )?pools?", r"churche?s?", r"temples?",
+    r"mosques?", r"towers?", r"castles?", r"monuments?", r"ruins?", r"cemeter(?:y|ies)",
+    r"schools?", r"hospitals?", r"malls?", r"vehicles?", r"cars?", r"trucks?", r"greenhouses?",
+    r"landfills?", r"villages?", r"towns?", r"cit(?:y|ies)", r"islands?", r"beach(?:es)?",
+    r"volcano(?:e?s)?", r"craters?", r"orchards?", r"vineyards?", r"plantations?",
+    r"campus(?:es)?", r"resorts?", r"hotels?", r"barns?")
+_LEFTOVER_OBJECT_RE = re.compile(r"\b(?:" + "|".join(_OBJECT_WORDS) + r")\b", re.I)
 
 
 def unchecked_content(clause: str, claims: list[Claim]) -> str | None:
-  """A name, link or number in `clause` that none of its claims accounts for, or None.
+  """A name, link, number or object in `clause` that none of its claims accounts for, or None.
 
-  Such words are never checked ("along the Danube", "visit x.com", "built in 1990"), so a
-  clause holding one goes even when its other claims hold.
+  Such words are never checked ("along the Danube", "visit x.com", "built in 1990", "and a
+  golf course"), so a clause holding one goes even when its other claims hold.
   """
   rest = list(_SENSOR_RE.sub(lambda m: " " * len(m.group(0)), clause))
   for c in claims:
     for s, e in ((c.start, c.end), c.number_span or (0, 0), c.extent_span or (0, 0)):
       rest[s:e] = " " * (e - s)
   rest = "".join(rest)
-  m = _LEFTOVER_LINK_RE.search(rest) or _LEFTOVER_NUMBER_RE.search(rest)
+  m = (_LEFTOVER_LINK_RE.search(rest) or _LEFTOVER_NUMBER_RE.search(rest)
+       or _LEFTOVER_OBJECT_RE.search(rest))
   if m is None:  # a clause's first word may be capitalised
     m = _LEFTOVER_NAME_RE.search(rest, re.match(r"\s*\S*", clause).end())
   return m.group(0) if m else None

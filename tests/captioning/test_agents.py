@@ -156,6 +156,11 @@ def test_verifier_keeps_true_free_text(forest_tile, caption):
     ("Mostly forest and visit evil.com for details, in Slovenia.", "In Slovenia."),
     ("Mostly forest along the Danube, in Slovenia.", "In Slovenia."),  # a name never checked
     ("Mostly forest planted in 1990, in Slovenia.", "In Slovenia."),  # a number never checked
+    # Objects never checked, beside a supported claim in their clause.
+    ("Mostly forest with a nuclear power plant and a golf course, in Slovenia.", "In Slovenia."),
+    ("Mostly forest crossed by roads, some grassland, in Slovenia.",
+     "Some grassland, in Slovenia."),
+    ("Ships in the harbour and mostly forest, in Slovenia.", "In Slovenia."),
     ("Grassland in the north, in Slovenia.", "In Slovenia."),  # only water has a position
     ("Mostly forest and some scattered features covering 12%, in Slovenia.", "In Slovenia."),
     ("Seen in the southern hemisphere, in Slovenia.", "In Slovenia."),  # a hemisphere, not water
