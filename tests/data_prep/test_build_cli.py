@@ -101,8 +101,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_help_and_clear_error():
   help_text = _cli("--help").stdout
-  for flag in ("--source", "--output_dir", "--overwrite", "--num_shards", "--block_size_m",
-               "--split_fractions", "--seed", "--vocab_size", "--captioner"):
+  for flag in ("--source", "--output_dir", "--overwrite", "--num_shards", "--auto_shard_mb",
+               "--block_size_m", "--split_fractions", "--seed", "--vocab_size", "--captioner"):
     assert flag in help_text, flag
   bad = _cli("--source=synthetic:/nonexistent/dir", "--output_dir=/tmp/never-written")
   assert bad.returncode == 1

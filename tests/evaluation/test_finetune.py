@@ -73,7 +73,6 @@ def test_frozen_phase_leaves_encoder_untouched(tiny_encoder):
   assert not np.allclose(head_before, np.asarray(model.head.cls.kernel[...]))
 
 
-
 def test_frozen_step_runs_no_encoder_backward(tiny_encoder):
   """The frozen phase's step skips the encoder's backward: at least 1.5x its forward less work."""
   model = finetune.build_task_model(tiny_encoder, "segmentation", 2, CFG)
@@ -92,6 +91,7 @@ def test_frozen_step_runs_no_encoder_backward(tiny_encoder):
   assert encoder_forward > 0
   assert flops(True) - flops(False) >= 1.5 * encoder_forward, (flops(True), flops(False),
                                                                encoder_forward)
+
 
 def test_unfrozen_encoder_takes_a_fresh_adam_step(tiny_encoder):
   """Epoch 0 frozen, epoch 1 trained: the encoder's first update is Adam's first step.
