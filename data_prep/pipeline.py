@@ -47,6 +47,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
 
 from data_prep import caption_stage as caption_stage_lib
 from data_prep import splits
@@ -470,6 +471,11 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
                len(plan), input_bytes / 2**20, tmp_dir, num_shards)
   try:
     options = PipelineOptions(list(beam_args))
+    if options.view_as(StandardOptions).runner is None:
+      # Beam's DirectRunner first tries Prism, a binary it downloads from GitHub: with network
+      # the build would run on another runner than without (and leave /tmp/beam-temp* behind).
+      # The FnApiRunner is what DirectRunner falls back to and what the tests exercise.
+      options.view_as(StandardOptions).runner = "FnApiRunner"
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_threading" and direct.direct_num_workers != 1:
       # Measured with apache-beam 2.77 on 2026-11-27: 4 of 60 two-worker builds of the test

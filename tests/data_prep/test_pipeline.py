@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 
@@ -293,14 +294,17 @@ def test_auto_num_shards_bounds():
   assert pipeline.auto_num_shards(10**15, 1, mib) == pipeline.MAX_AUTO_SHARDS
 
 
-def test_one_big_unit_is_spread_over_shards_by_input_bytes(tmp_path):
+def test_one_big_unit_is_spread_over_shards_by_input_bytes(tmp_path, caplog):
   """A single unit (e.g. a whole scene) is not one shard held in one worker's memory."""
   tar, = synthetic.write_release_shards(str(tmp_path / "one"), 12, samples_per_shard=12, seed=3)
   config = pipeline.BuildConfig(sources=(f"synthetic:{tmp_path / 'one'}",),
                                 output_dir=str(tmp_path / "out"), vocab_size=100,
                                 split=splits.SplitConfig(fractions=(1.0, 0.0, 0.0)),
                                 auto_shard_bytes=2 << 20)
-  result = pipeline.run_build(config)
+  with caplog.at_level(logging.INFO):
+    result = pipeline.run_build(config)
+  # No runner given: the FnApiRunner, never DirectRunner's first try, a downloaded Prism.
+  assert not [r for r in caplog.records if "Prism" in r.getMessage()]
   expected = -(-os.path.getsize(tar) // config.auto_shard_bytes)
   assert expected > 1 and result.manifest["num_shards"] == expected
   assert result.manifest["input_bytes"] == os.path.getsize(tar)
