@@ -186,11 +186,11 @@ def test_config_from_env_and_errors(monkeypatch):
     llm.parse_completion(b'{"choices": []}')
 
 
-def test_stage_runs_inside_a_beam_direct_runner(tile):
+def test_stage_runs_inside_the_builds_beam_runner(tile):
   beam = pytest.importorskip("apache_beam")
   from apache_beam.testing import util as beam_util  # pylint: disable=g-import-not-at-top
   st = stage_lib.make_caption_stage("agentic", k=2)
-  with beam.Pipeline(runner="DirectRunner") as p:
+  with beam.Pipeline(runner="FnApiRunner") as p:  # what run_build uses without --runner
     captions = (p | beam.Create([tile.example]) | beam.Map(st.process)
                 | beam.Map(lambda ex: ex["captions"][0]))
     expected = st.process(tile.example)["captions"][0]

@@ -116,7 +116,7 @@ def test_beam_combine_from_serialized_records(samples):
   for s in samples:
     stats.add_example(acc, s)
   want = json.dumps(stats.finalize(acc), sort_keys=True)
-  with beam.Pipeline() as p:
+  with beam.Pipeline(runner="FnApiRunner") as p:  # what run_build uses without --runner
     out = (p | beam.Create(serialized, reshuffle=False)
            | beam.CombineGlobally(stats.TrainStatsCombineFn()))
     assert_that(out, lambda got: _equal(got, [want]))
