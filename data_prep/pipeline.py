@@ -487,7 +487,7 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
     with beam.Pipeline(options=options) as p:
       build_graph(p, plan, parts_dir, config, num_shards)
     pipeline_s = time.perf_counter() - start
-    manifest = _finalize(config, plan, tmp_dir, parts_dir, beam_args, start, pipeline_s,
+    manifest = _finalize(config, plan, sources, tmp_dir, parts_dir, beam_args, start, pipeline_s,
                          {"num_shards": num_shards, "input_bytes": input_bytes})
     writer.commit(tmp_dir, final_dir, config.overwrite)
   except BaseException:
@@ -496,8 +496,8 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
   return BuildResult(final_dir, manifest)
 
 
-def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str,
-              parts_dir: str, beam_args: Sequence[str], start: float,
+def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], sources: dict[str, Any],
+              tmp_dir: str, parts_dir: str, beam_args: Sequence[str], start: float,
               pipeline_s: float, sharding: dict[str, int]) -> dict[str, Any]:
   """Driver side: TFDS names, metadata, stats, dead letters, tokenizer, manifest."""
   # Records: number the non-empty parts of each split in shard order.
@@ -557,11 +557,10 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
       shards={s: v for s, v in shard_lengths.items() if v})
 
   elapsed = time.perf_counter() - start
-  sources: dict[str, dict[str, Any]] = {}
+  units_by_source: dict[str, dict[str, Any]] = {}
   for spec, unit in plan:
-    src = registry.make_source(spec)
-    sources.setdefault(spec, {"units": {}})["units"][unit] = {
-        "fingerprint": src.fingerprint(unit), "read": read_by_unit[(spec, unit)]}
+    units_by_source.setdefault(spec, {"units": {}})["units"][unit] = {
+        "fingerprint": sources[spec].fingerprint(unit), "read": read_by_unit[(spec, unit)]}
   manifest = {
       "name": config.name,
       "version": config.version,
@@ -581,7 +580,7 @@ def _finalize(config: BuildConfig, plan: Sequence[tuple[str, str]], tmp_dir: str
       "splits": split_summary,
       "rejections": dict(sorted(by_reason.items())),
       "counters": counters,
-      "sources": sources,
+      "sources": units_by_source,
       "statistics": "statistics.json (train split)",
       "dead_letters": "dead_letters.jsonl",
       "tokenizer": tokenizer_status,

@@ -309,5 +309,5 @@ def test_one_big_unit_is_spread_over_shards_by_input_bytes(tmp_path, caplog):
   assert expected > 1 and result.manifest["num_shards"] == expected
   assert result.manifest["input_bytes"] == os.path.getsize(tar)
   files = list(pathlib.Path(result.dataset_dir).glob("*.array_record-*"))
-  assert 1 < len(files) <= expected  # empty hash buckets write no file
+  assert len(files) in range(2, expected + 1)  # several files; empty hash buckets write none
   assert result.manifest["written"] == 12
