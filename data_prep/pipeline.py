@@ -42,7 +42,7 @@ import os
 import pathlib
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions
@@ -139,13 +139,15 @@ def auto_num_shards(input_bytes: int, num_units: int, shard_bytes: int) -> int:
   return min(MAX_AUTO_SHARDS, max(1, num_units, -(-input_bytes // shard_bytes)))
 
 
-def plan_units(source_specs: Sequence[str]) -> list[tuple[str, str]]:
-  """Every (spec, unit) of the build; a missing path or an empty glob raises here, first."""
+def plan_units(source_specs: Sequence[str], sources: Mapping[str, Any]
+               ) -> list[tuple[str, str]]:
+  """Every (spec, unit) of the build (`sources`: spec -> its Source); a missing path or an
+  empty glob raises here, first."""
   if not source_specs:
     raise ValueError("no --source given: name at least one, e.g. --source=geomeld:/data/*.tar")
   plan = []
   for spec in source_specs:
-    units = registry.make_source(spec).units()
+    units = sources[spec].units()
     if not units:
       raise FileNotFoundError(f"source {spec!r} has no input units")
     plan.extend((spec, unit) for unit in units)
@@ -448,12 +450,12 @@ def run_build(config: BuildConfig, beam_args: Sequence[str] = ()) -> BuildResult
   if writer.dir_exists(final_dir) and not config.overwrite:
     raise FileExistsError(f"dataset directory {final_dir} already exists; pass --overwrite "
                           "to replace it")
-  plan = plan_units(config.sources)
+  sources = {spec: registry.make_source(spec) for spec in config.sources}
+  plan = plan_units(config.sources, sources)
   caption_stage_lib.make_caption_stage(config.captioner)  # unknown names fail now
   if config.num_shards < 0 or config.auto_shard_bytes < 1:
     raise ValueError(f"num_shards must be >= 1 (or 0 for auto) and auto_shard_bytes >= 1, got "
                      f"{config.num_shards} and {config.auto_shard_bytes}")
-  sources = {spec: registry.make_source(spec) for spec in sorted({spec for spec, _ in plan})}
   input_bytes = sum(sources[spec].input_bytes(unit) for spec, unit in plan)
   num_shards = config.num_shards or auto_num_shards(input_bytes, len(plan),
                                                     config.auto_shard_bytes)

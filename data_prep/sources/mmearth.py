@@ -82,7 +82,7 @@ class MMEarthSource:
     if shape[2:] != (mod.TILE_SIZE, mod.TILE_SIZE):
       raise ValueError(f"{self.path}: tiles are {shape[2]}x{shape[3]} px; only the 128-px MMEarth "
                        f"variants are supported (MMEarth64 is not: GeoMeld tiles are 128 px)")
-    n = shape[0]
+    n = self._num_tiles = shape[0]
     return [f"{self.path}#{a}:{min(a + self.chunk_size, n)}" for a in range(0, n, self.chunk_size)]
 
   def fingerprint(self, unit: str) -> str:
