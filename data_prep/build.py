@@ -42,7 +42,7 @@ FLAGS = flags.FLAGS
 
 _SOURCE = flags.DEFINE_multi_string(
     "source", [], "Input source, repeatable: geomeld:<glob>, synthetic:<dir>, mmearth:<h5>, "
-    "virginia:<dir>, eolearn:<dir>, bigearthnet:<dir>, raster:<dir>.")
+    "virginia:<dir>, eolearn:<dir>, bigearthnet:<dir>, raster:<dir>, s2safe:<glob of .SAFE>.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "TFDS data_dir: the dataset goes to <output_dir>/<name>/<version>/.")
 _NAME = flags.DEFINE_string("name", "geomeld", "TFDS dataset name (file prefix).")

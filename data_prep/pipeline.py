@@ -131,10 +131,10 @@ def auto_num_shards(input_bytes: int, num_units: int, shard_bytes: int) -> int:
 
   Units alone are not enough: a raster unit is a whole scene (a Sentinel-2 tile of 10,980 px
   is ~7,000 tiles, ~12 GB of records), which as one shard would not fit a worker's memory. The
-  input's size is known on the driver before the pipeline starts (`Source.input_bytes`), so the
-  count is deterministic and costs no extra pass over the data; records take about as many
-  bytes as their input (both store compact integer dtypes), and hashing spreads tiles unevenly,
-  so a shard's size is near this target, not bounded by it.
+  input's size is known on the driver before the pipeline starts (`Source.input_bytes`: file
+  sizes of uncompressed inputs, header-derived decoded sizes of raster scenes), so the count
+  is deterministic and costs no extra pass over the data. Hashing spreads tiles unevenly, so
+  a shard's size is near this target, not bounded by it.
   """
   return min(MAX_AUTO_SHARDS, max(1, num_units, -(-input_bytes // shard_bytes)))
 

@@ -72,5 +72,5 @@ class Source(Protocol):
     """A cheap content fingerprint of a unit (size + mtime + name hash) for the manifest."""
 
   def input_bytes(self, unit: str) -> int:
-    """The unit's size on disk, cheaply (file sizes, no data read): the build sizes its shards
-    by it (`pipeline.auto_num_shards`). Compressed files count their compressed size."""
+    """About the bytes the unit's records take, cheaply (file sizes or headers, no pixels
+    read): the build sizes its shards by it (`pipeline.auto_num_shards`)."""

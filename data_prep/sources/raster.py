@@ -17,10 +17,13 @@ scene, one band per file. Bands are mapped BY NAME from the file stem:
   the scene's point: a georeferenced scene of several tiles gives each tile its own position
   and keeps that point as ``scene_lat``/``scene_long`` (`tiles_from_scene`).
 
-GeoTIFFs are read with tifffile; the georeference comes from the ModelPixelScale /
-ModelTiepoint tags and the EPSG code from the GeoKey directory (rasterio is not needed).
-A ``.npy`` band has no georeference: all bands of such a folder are assumed to share the
-upper-left corner, and a band's pixel size is 10 m x (finest size / its size).
+A file is read by what it holds, not by its suffix. TIFFs are read with tifffile; the
+georeference comes from the ModelPixelScale / ModelTiepoint tags and the EPSG code from the
+GeoKey directory (rasterio is not needed). Anything else (JPEG2000, as ESA ships Sentinel-2)
+is read with rasterio (`pip install 'geomeld-jax[raster]'`), the georeference from its
+affine transform. A ``.npy`` band has no georeference: all bands of such a folder are
+assumed to share the upper-left corner, and a band's pixel size is 10 m x (finest size /
+its size). ESA's SAFE products have their own source (`data_prep.sources.sentinel2_safe`).
 
 Resampling rule (multi-resolution bands -> 10 m)
 ------------------------------------------------
@@ -57,6 +60,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -338,6 +342,42 @@ def tile_windows(height: int, width: int, pad: bool) -> tuple[list[tuple[int, in
   return windows, partial
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+def _is_tiff(path: pathlib.Path) -> bool:
+  """By content: the Virginia subset's `.jp2` files are TIFFs, ESA's are JPEG2000."""
+  with open(path, "rb") as f:
+    return f.read(4) in _TIFF_MAGIC
+
+
+def _rasterio():
+  try:
+    import rasterio  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("reading JPEG2000 and other non-TIFF rasters needs rasterio: "
+                      "pip install 'geomeld-jax[raster]'") from None
+  return rasterio
+
+
+def read_with_rasterio(path: str) -> tuple[np.ndarray, GeoRef | None, float | None]:
+  """One-band raster in any GDAL format (JPEG2000 above all) -> as `read_geotiff`."""
+  rasterio = _rasterio()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+    with rasterio.open(path) as ds:
+      if ds.count != 1:
+        raise ValueError(f"{path}: expected a one-band raster, got {ds.count} bands")
+      data = ds.read(1)
+      t, crs, nodata = ds.transform, ds.crs, ds.nodata
+  if crs is None:  # no georeference: a plain array, like a .npy band
+    return data, None, nodata
+  if t.b or t.d:
+    raise ValueError(f"{path}: a rotated or sheared grid; GeoMeld needs north-up rasters "
+                     "(warp it first, e.g. gdalwarp)")
+  return data, GeoRef(t.c, t.f, t.a, -t.e, crs.to_epsg()), nodata
+
+
 def _read_band_file(path: pathlib.Path) -> tuple[np.ndarray, GeoRef | None, float | None]:
   if path.suffix.lower() == ".npy":
     data = np.load(path, allow_pickle=False)
@@ -346,7 +386,35 @@ def _read_band_file(path: pathlib.Path) -> tuple[np.ndarray, GeoRef | None, floa
     if data.ndim != 2:
       raise ValueError(f"{path}: expected a one-band (h, w) array, got {data.shape}")
     return data, None, None
-  return read_geotiff(str(path))
+  if _is_tiff(path):
+    return read_geotiff(str(path))
+  return read_with_rasterio(str(path))
+
+
+def band_shape(path: pathlib.Path) -> tuple[int, int]:
+  """(h, w) of a band file from its header; no pixels are read."""
+  if path.suffix.lower() == ".npy":
+    return tuple(np.load(path, mmap_mode="r").shape[:2])
+  if _is_tiff(path):
+    with tifffile.TiffFile(path) as tif:
+      return tif.pages[0].imagelength, tif.pages[0].imagewidth
+  with _rasterio().open(path) as ds:
+    return ds.height, ds.width
+
+
+def decoded_bytes(files: list[tuple[pathlib.Path, str, str]]) -> int:
+  """The bytes a scene's tiles take as records, from its band files' headers: every modality
+  present, all of its registry bands (absent ones are stored as no data) in its storage
+  dtype, on the 10 m grid (the most pixels of any band). A compressed JPEG2000 or GeoTIFF
+  scene decodes to several times its file size, and its 20/60 m bands to 4/36 times their
+  pixels, so file sizes would undercount a shard's memory (`pipeline.auto_num_shards`)."""
+  if not files:
+    return 0
+  shapes = [band_shape(p) for p, _, _ in files]
+  pixels = max(h for h, _ in shapes) * max(w for _, w in shapes)
+  per_pixel = sum(m.num_bands * m.storage_dtype.itemsize
+                  for m in map(mod.pixel_modality, {key for _, key, _ in files}))
+  return pixels * per_pixel
 
 
 def band_files(folder: str) -> list[tuple[pathlib.Path, str, str]]:
@@ -416,7 +484,7 @@ class RasterStackSource:
     self.extra_metadata = dict(extra_metadata or {})
 
   def units(self) -> list[str]:
-    candidates = _expand_dirs(self.pattern)
+    candidates = expand_dirs(self.pattern)
     folders = []
     for d in candidates:
       if band_files(d):
@@ -431,7 +499,7 @@ class RasterStackSource:
     return "|".join(f"{p.name}={fingerprint_file(str(p))}" for p, _, _ in band_files(unit))
 
   def input_bytes(self, unit: str) -> int:
-    return sum(os.path.getsize(p) for p, _, _ in band_files(unit))
+    return decoded_bytes(band_files(unit))
 
   def read(self, unit: str) -> Iterator[SourceItem]:
     scene, scene_meta = load_scene(unit)
@@ -516,7 +584,7 @@ def unit_prefix(pattern: str, unit: str) -> str:
   return "_".join(parts) or pathlib.Path(unit).name
 
 
-def _expand_dirs(pattern: str) -> list[str]:
+def expand_dirs(pattern: str) -> list[str]:
   p = pathlib.Path(pattern)
   if p.is_dir():
     return [str(p)]

@@ -7,6 +7,7 @@ A spec is ``<scheme>:<location>``:
 ``synthetic:``  release-format shards written by data_prep.synthetic (same reader)
 ``mmearth:``    one MMEarth .h5 file (side files beside it)
 ``raster:``     band folders (one tile or scene each; a folder of such folders or a glob)
+``s2safe:``     Sentinel-2 L1C/L2A SAFE products (a .SAFE folder, a folder of them or a glob)
 ``virginia:``   the Sentinel-2 L1C Virginia scene subset folder
 ``eolearn:``    the eo-learn Slovenia TestEOPatch folder
 ``bigearthnet:`` a BigEarthNet v1 folder (GeoTIFF examples and/or ConfigILM .npz mock)
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from data_prep.sources import geomeld, mmearth, raster
+from data_prep.sources import geomeld, mmearth, raster, sentinel2_safe
 from data_prep.sources.base import Source
 
 _FACTORIES: dict[str, Callable[[str], Source]] = {
@@ -25,6 +26,7 @@ _FACTORIES: dict[str, Callable[[str], Source]] = {
     "synthetic": lambda loc: geomeld.GeoMeldReleaseSource(loc, scheme="synthetic"),
     "mmearth": lambda loc: mmearth.MMEarthSource(loc),
     "raster": lambda loc: raster.RasterStackSource(loc),
+    "s2safe": lambda loc: sentinel2_safe.Sentinel2SafeSource(loc),
     "virginia": raster.virginia_source,
     "eolearn": lambda loc: raster.EOLearnSource(loc),
     "bigearthnet": lambda loc: raster.BigEarthNetSource(loc),

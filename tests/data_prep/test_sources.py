@@ -314,8 +314,8 @@ def test_fixed_tile_prefix_keeps_the_scenes_of_a_parent_folder_apart(tmp_path):
   _b02_scene(parent / "B", (T, 2 * T), seed=2)
   fixed = raster.RasterStackSource(str(parent), tile_prefix="ds")
   assert _tile_ids(fixed) == ["ds_A", "ds_B_r000_c000", "ds_B_r000_c001"]
-  assert [fixed.input_bytes(u) for u in fixed.units()] == [
-      os.path.getsize(parent / s / "x_B02.tif") for s in ("A", "B")]
+  s2_pixel = mod.SENTINEL2.num_bands * 2  # every band of the modality, uint16: as records
+  assert [fixed.input_bytes(u) for u in fixed.units()] == [T * T * s2_pixel, T * 2 * T * s2_pixel]
   assert _tile_ids(raster.RasterStackSource(f"{parent}/*", tile_prefix="ds")) == [
       "ds_A", "ds_B_r000_c000", "ds_B_r000_c001"]
   assert _tile_ids(raster.virginia_source(str(parent))) == [
@@ -422,8 +422,9 @@ def test_registry():
   assert make_source("virginia:/x").name == "virginia"
   assert isinstance(make_source("eolearn:/x"), raster.EOLearnSource)
   assert isinstance(make_source("bigearthnet:/x"), raster.BigEarthNetSource)
+  assert make_source("s2safe:/x").name == "s2safe"
   assert set(KNOWN_SCHEMES) == {"geomeld", "synthetic", "mmearth", "raster", "virginia", "eolearn",
-                                "bigearthnet"}
+                                "bigearthnet", "s2safe"}
   with pytest.raises(ValueError, match="bigearthnet, eolearn, geomeld"):
     make_source("s3:/bucket")
   with pytest.raises(ValueError, match="no path"):
