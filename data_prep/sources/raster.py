@@ -493,7 +493,13 @@ class RasterStackSource:
         folders.extend(str(s) for s in sorted(pathlib.Path(d).iterdir()) if s.is_dir() and band_files(str(s)))
     if not folders:
       raise FileNotFoundError(f"no folder of band files (*_B02.tif, ...) matches {self.pattern!r}")
-    return sorted(set(folders))
+    folders = sorted(set(folders))
+    by_prefix: dict[str, str] = {}
+    for f in folders:  # '_'-joining can map two paths to one id: a/b_c and a_b/c
+      if (other := by_prefix.setdefault(unit_prefix(self.pattern, f), f)) != f:
+        raise ValueError(f"scene folders {other!r} and {f!r} would give the same tile ids "
+                         f"({unit_prefix(self.pattern, f)!r}); rename one of them")
+    return folders
 
   def fingerprint(self, unit: str) -> str:
     return "|".join(f"{p.name}={fingerprint_file(str(p))}" for p, _, _ in band_files(unit))
@@ -574,7 +580,7 @@ def unit_prefix(pattern: str, unit: str) -> str:
   """
   fixed = []
   for part in pathlib.Path(pattern).parts:
-    if glob.has_magic(part):
+    if glob.has_magic(part) and not pathlib.Path(*fixed, part).is_dir():  # a folder 's[1]' is no glob
       break
     fixed.append(part)
   try:

@@ -308,6 +308,18 @@ def _tile_ids(source):
   return sorted(i.tile_id for i in _items(source) if isinstance(i, RawSample))
 
 
+def test_unit_ids_from_folder_names_with_glob_characters_and_join_collisions(tmp_path):
+  parent = tmp_path / "run[1]"  # a real folder, not a glob
+  _b02_scene(parent / "A", (T, T), seed=1)
+  _b02_scene(parent / "B", (T, T), seed=2)
+  assert _tile_ids(raster.RasterStackSource(str(parent))) == ["A", "B"]
+  clash = tmp_path / "clash"
+  _b02_scene(clash / "a" / "b_c", (T, T), seed=3)
+  _b02_scene(clash / "a_b" / "c", (T, T), seed=4)
+  with pytest.raises(ValueError, match="would give the same tile ids .'a_b_c'."):
+    raster.RasterStackSource(f"{clash}/*").units()
+
+
 def test_fixed_tile_prefix_keeps_the_scenes_of_a_parent_folder_apart(tmp_path):
   parent = tmp_path / "scenes"
   _b02_scene(parent / "A", (T, T), seed=1)
