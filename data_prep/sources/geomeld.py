@@ -23,10 +23,13 @@ dropped, and flagged with ``metadata['naip_present'] = True`` so validation coun
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import pathlib
 import tarfile
@@ -85,10 +88,11 @@ class GeoMeldReleaseSource:
 
   def read(self, unit: str) -> Iterator[SourceItem]:
     provenance = f"{self.scheme}:{unit}"
-    current = ""
+    current, last, seen = "", "-", 0
     try:
       with tarfile.open(unit, mode="r|*") as tar:
         for member in tar:
+          seen += 1
           if member.isdir():
             continue
           if not member.isfile():  # links, devices: their content is not in this member
@@ -100,14 +104,19 @@ class GeoMeldReleaseSource:
           if len(data) != member.size:
             raise tarfile.ReadError(f"member {member.name} is short")
           yield self._member(f"{provenance}:{member.name}", member.name, data)
-          current = ""
+          last, current = member.name, ""
+        end, comptype = tar.offset, tar.fileobj.comptype
     except (tarfile.ReadError, EOFError, OSError) as e:
-      yield Rejection(source=f"{provenance}:{current}", tile_id="", reason="truncated_tar",
-                      detail=f"shard ends inside member {current or '?'}: {e}")
+      if not seen:
+        yield Rejection(provenance, "", "not_a_tar", f"not a (compressed) tar file: {e}")
+      else:
+        yield Rejection(source=f"{provenance}:{current}", tile_id="", reason="truncated_tar",
+                        detail=f"shard ends inside member {current or '?'}: {e}")
       return
-    if _lacks_end_of_archive(unit):
-      yield Rejection(source=provenance, tile_id="", reason="truncated_tar",
-                      detail="shard has no end-of-archive blocks (cut at a member boundary)")
+    if problem := _end_of_archive_problem(unit, comptype, end):
+      reason, detail = problem
+      yield Rejection(source=provenance, tile_id="", reason=reason,
+                      detail=f"{detail} (after member {last})")
 
   def _member(self, source: str, member_name: str, data: bytes) -> SourceItem:
     stem = pathlib.PurePosixPath(member_name).name.split(".")[0]
@@ -124,19 +133,33 @@ class GeoMeldReleaseSource:
       return Rejection(source, "", "corrupt_h5", f"{member_name}: {type(e).__name__}: {e}")
 
 
-def _lacks_end_of_archive(path: str) -> bool:
-  """True when an uncompressed tar does not end with the two zero blocks tar writes last.
+_OPENERS = {"tar": open, "gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 
-  tarfile stops silently at a clean cut between members; this catches that case.
+
+def _end_of_archive_problem(path: str, comptype: str, end: int) -> tuple[str, str] | None:
+  """Why the tar stream stopped at byte `end` (of its uncompressed stream), or None when it
+  stopped at the end-of-archive marker: at least two zero blocks and nothing but zeros after.
+
+  tarfile ends its member loop without an error at a zero block, at a damaged header and at
+  a clean cut between members; only the bytes from there on tell them apart. A damaged
+  header or a second archive appended to the first would otherwise lose every later member
+  silently.
   """
-  if path.endswith((".gz", ".tgz")):
-    return False  # gzip's own end-of-stream check reports truncation as an error
-  size = os.path.getsize(path)
-  if size % _TAR_BLOCK:
-    return True
-  with open(path, "rb") as f:
-    f.seek(max(0, size - 2 * _TAR_BLOCK))
-    return any(f.read())
+  zeros, nonzero_at = 0, None
+  with _OPENERS[comptype](path, "rb") as f:
+    f.seek(end)
+    while chunk := f.read(1 << 20):
+      if any(chunk):
+        nonzero_at = end + zeros + next(i for i, b in enumerate(chunk) if b)
+        break
+      zeros += len(chunk)
+  if nonzero_at is not None:
+    return ("corrupt_tar", f"unreadable data at byte {nonzero_at} of the tar stream, after the "
+            "last member it could read (a damaged header, or a second archive appended to "
+            "the first); the rest of the shard is unread")
+  if zeros < 2 * _TAR_BLOCK:
+    return "truncated_tar", "shard has no end-of-archive blocks (cut at a member boundary)"
+  return None
 
 
 def _text(v: Any) -> str:

@@ -1,6 +1,7 @@
 """Sources: GeoMeld release shards, MMEarth h5, generic raster folders, the spec registry, UTM."""
 
 import collections
+import gzip
 import io
 import json
 import math
@@ -145,6 +146,34 @@ def test_tar_cut_at_member_boundary_is_truncated(tmp_path, release_dir):
   items = _items(geomeld.GeoMeldReleaseSource(str(tmp_path / "cut.tar")))
   assert isinstance(items[0], RawSample)
   assert [i.reason for i in items[1:]] == ["truncated_tar"]
+
+
+def test_damaged_header_appended_archive_and_non_tars_are_dead_letters(tmp_path, release_dir):
+  """tarfile ends its loop silently at a damaged header or at the first archive's end
+  marker; every member after it would be lost without a trace."""
+  whole = (release_dir / "synthetic-00000.tar").read_bytes()  # 3 members
+  with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+    second = tar.getmembers()[1]
+  damaged = bytearray(whole)
+  damaged[second.offset + 150] ^= 0xFF  # inside the header checksum field of member 2
+  (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+  items = _items(geomeld.GeoMeldReleaseSource(str(tmp_path / "damaged.tar")))
+  assert isinstance(items[0], RawSample) and len(items) == 2
+  assert items[1].reason == "corrupt_tar" and f"at byte {second.offset}" in items[1].detail
+
+  (tmp_path / "two.tar").write_bytes(whole + whole)  # `cat a.tar b.tar`
+  items = _items(geomeld.GeoMeldReleaseSource(str(tmp_path / "two.tar")))
+  assert [type(i).__name__ for i in items] == ["RawSample"] * 3 + ["Rejection"]
+  assert items[3].reason == "corrupt_tar"
+
+  gz = tmp_path / "gz"
+  gz.mkdir()
+  (gz / "gzipped.tar").write_bytes(gzip.compress(whole))  # compressed, named .tar: fine
+  (gz / "README.md").write_text("not a shard\n")
+  items = _items(geomeld.GeoMeldReleaseSource(f"{gz}/*"))
+  assert sum(isinstance(i, RawSample) for i in items) == 3
+  assert [(i.reason, i.source) for i in items if isinstance(i, Rejection)] == [
+      ("not_a_tar", f"geomeld:{gz}/README.md")]
 
 
 # ---------------------------------------------------------------------------------------
