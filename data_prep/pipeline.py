@@ -89,6 +89,18 @@ class BuildConfig:
   # >= 1,000 records/s per core on the training read path); zstd is ~25% smaller, slower.
   compression: str = "snappy"
 
+  def __post_init__(self):
+    # Checked before any work: each would otherwise fail in every write worker or, for the
+    # vocabulary, only after the whole pipeline has run.
+    if self.compression not in writer.COMPRESSION_OPTIONS:
+      raise ValueError(f"unknown compression {self.compression!r}; choose from "
+                       f"{sorted(writer.COMPRESSION_OPTIONS)}")
+    if self.vocab_size < tokenizer.MIN_VOCAB_SIZE:
+      raise ValueError(f"vocab_size must be >= {tokenizer.MIN_VOCAB_SIZE}, got {self.vocab_size}")
+    if self.num_shards < 0 or self.auto_shard_bytes <= 0:
+      raise ValueError(f"num_shards must be >= 0 (0: auto) and auto_shard_bytes > 0, got "
+                       f"{self.num_shards} and {self.auto_shard_bytes}")
+
   @property
   def dataset_dir(self) -> str:
     return writer.join(self.output_dir, self.name, self.version)
@@ -151,9 +163,14 @@ def plan_units(source_specs: Sequence[str], sources: Mapping[str, Any]
     if not units:
       raise FileNotFoundError(f"source {spec!r} has no input units")
     plan.extend((spec, unit) for unit in units)
-  duplicates = [u for u, n in collections.Counter(plan).items() if n > 1]
-  if duplicates:
-    raise ValueError(f"the same input unit is listed twice: {duplicates[:3]}")
+  # The same file reached twice (a file and a glob, relative and absolute paths) would be
+  # read twice and half of it dead-lettered as duplicates.
+  seen: dict[tuple[str, str], tuple[str, str]] = {}
+  for spec, unit in plan:
+    key = (spec.split(":", 1)[0], os.path.realpath(unit))
+    if (first := seen.setdefault(key, (spec, unit))) != (spec, unit):
+      raise ValueError(f"the same input unit is listed twice: {unit!r} of {spec!r} is "
+                       f"{first[1]!r} of {first[0]!r}")
   return plan
 
 

@@ -24,12 +24,13 @@ BOS_ID = -1  # no BOS piece (T5 convention)
 DEFAULT_VOCAB_SIZE = 8000
 MODEL_FILENAME = "tokenizer.model"
 RARE_CHARACTER_COVERAGE = 0.9995
+MIN_VOCAB_SIZE = 8  # the reserved pieces and a handful more
 
 
 def train_tokenizer_bytes(sentences: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:
   """Trains the tokenizer and returns the serialized model proto."""
-  if vocab_size < 8:
-    raise ValueError(f"vocab_size must be >= 8, got {vocab_size}")
+  if vocab_size < MIN_VOCAB_SIZE:
+    raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
   sentences = [s.strip() for s in sentences if s and s.strip()]
   if not sentences:
     raise ValueError("cannot train a tokenizer on no sentences")

@@ -45,6 +45,18 @@ def test_bad_sources_fail_before_any_work(tmp_path, spec, match):
   assert not (tmp_path / "o").exists()
 
 
+def test_one_file_through_two_specs_and_bad_settings_fail_before_any_work(tmp_path, shards):
+  first = sorted(pathlib.Path(shards).glob("*.tar"))[0]
+  with pytest.raises(ValueError, match="listed twice"):
+    pipeline.run_build(pipeline.BuildConfig(
+        sources=(f"synthetic:{first}", f"synthetic:{shards}/*.tar"), output_dir=str(tmp_path / "o")))
+  with pytest.raises(ValueError, match="unknown compression 'lz4'"):
+    _config(shards, tmp_path / "o", compression="lz4")
+  with pytest.raises(ValueError, match="vocab_size must be >= 8"):
+    pipeline.BuildConfig(sources=("synthetic:x",), output_dir="o", vocab_size=4)
+  assert not (tmp_path / "o").exists()
+
+
 def test_unknown_captioner_fails_early(tmp_path, shards):
   with pytest.raises(ValueError, match="unknown captioner"):
     pipeline.run_build(_config(shards, tmp_path / "o", captioner="nope"))
