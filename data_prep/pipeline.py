@@ -45,6 +45,7 @@ import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
@@ -57,15 +58,17 @@ from data_prep import validate
 from data_prep import writer
 from data_prep.sources import registry
 from data_prep.sources.base import RawSample, Rejection
+from geomeld_jax import modalities as mod
 from geomeld_jax import records
 
 PIPELINE_VERSION = "1.0.0"
 MAX_AUTO_SHARDS = 1024
-DUPLICATE = "duplicate_tile_id"
+DUPLICATE = "duplicate_tile_id"  # the same tile read twice (same pixels)
+COLLISION = "tile_id_collision"  # two different tiles under one id
 PARTS = "_parts"
 
 # Field positions of the value the read stage emits per sample.
-_TILE, _SOURCE, _SPLIT, _DETAIL, _RECORD, _COUNTERS, _CAPTIONS = range(7)
+_TILE, _SOURCE, _SPLIT, _DETAIL, _RECORD, _COUNTERS, _CAPTIONS, _PIXELS = range(8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +253,7 @@ class ReadEncodeFn(beam.DoFn):
       record = self._serialize(example)
     value = (tile_id, source, assignment.split, assignment.detail, record,
              json.dumps(counters, sort_keys=True),
-             json.dumps(list(example["captions"]), ensure_ascii=False))
+             json.dumps(list(example["captions"]), ensure_ascii=False), pixel_digest(example))
     return shard_of(tile_id, self._num_shards), value
 
 
@@ -277,6 +280,17 @@ def _guarded(items: Iterator[Any], spec: str, unit: str) -> Iterator[Any]:
       return
     count += 1
     yield item
+
+
+def pixel_digest(example: Mapping[str, Any]) -> str:
+  """A digest of a record's stored pixel arrays: tells a tile read twice (a duplicate) from
+  two different tiles under one id (a collision)."""
+  h = hashlib.sha1()
+  for name in sorted(mod.PIXEL_MODALITIES):
+    if name in example:
+      h.update(name.encode())
+      h.update(np.ascontiguousarray(example[name]).tobytes())
+  return h.hexdigest()
 
 
 def unlocated_block_id(spec: str, group: str) -> str:
@@ -313,9 +327,13 @@ class WriteShardsFn(beam.DoFn):
       winner = copies[0]
       for dup in copies[1:]:
         rejected += 1
+        if dup[_PIXELS] == winner[_PIXELS]:
+          reason, what = DUPLICATE, "the same tile was already read"
+        else:  # e.g. two scene folders of one name given as two sources
+          reason, what = COLLISION, "a tile with other pixels has this id"
         yield beam.pvalue.TaggedOutput("rejected", Rejection(
-            source=dup[_SOURCE], tile_id=tile_id, reason=DUPLICATE,
-            detail=f"tile_id already read from {winner[_SOURCE]} (lowest source wins)").to_json())
+            source=dup[_SOURCE], tile_id=tile_id, reason=reason,
+            detail=f"{what}, from {winner[_SOURCE]} (lowest source wins)").to_json())
       if winner[_SPLIT] == splits.BUFFER:
         rejected += 1
         yield beam.pvalue.TaggedOutput("rejected", Rejection(
@@ -391,7 +409,8 @@ def build_graph(p: beam.Pipeline, plan: Sequence[tuple[str, str]], parts_dir: st
                                                            shard_name_template="")
     return pcoll | f"Write{name}" >> beam.io.WriteToText(prefix, file_name_suffix=".txt")
 
-  value_type = beam.typehints.Tuple[int, beam.typehints.Tuple[str, str, str, str, bytes, str, str]]
+  value_type = beam.typehints.Tuple[
+      int, beam.typehints.Tuple[str, str, str, str, bytes, str, str, str]]  # (shard, _TILE..)
   read = (
       p
       | "Units" >> beam.Create([tuple(u) for u in plan])

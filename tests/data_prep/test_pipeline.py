@@ -311,3 +311,24 @@ def test_one_big_unit_is_spread_over_shards_by_input_bytes(tmp_path, caplog):
   files = list(pathlib.Path(result.dataset_dir).glob("*.array_record-*"))
   assert len(files) in range(2, expected + 1)  # several files; empty hash buckets write none
   assert result.manifest["written"] == 12
+
+
+def test_one_id_for_other_pixels_is_a_collision_not_a_duplicate(tmp_path):
+  """Scene folders of one name given as separate sources get one id: the other pixels are a
+  `tile_id_collision` (rename or prefix a source), the same pixels a duplicate."""
+  rng = np.random.default_rng(0)
+  pixels = {"2020": rng.integers(1, 5000, (mod.TILE_SIZE,) * 2).astype(np.uint16)}
+  pixels["2021"] = pixels["2020"] + 1
+  pixels["copy"] = pixels["2020"]
+  specs = []
+  for name, b02 in pixels.items():
+    scene = tmp_path / name / "T18SUJ"
+    scene.mkdir(parents=True)
+    np.save(scene / "B2.npy", b02)
+    (scene / "metadata.json").write_text(json.dumps({"lat": 37.6, "long": -75.6}))
+    specs.append(f"raster:{scene}")
+  result = pipeline.run_build(pipeline.BuildConfig(
+      sources=tuple(specs), output_dir=str(tmp_path / "out"), vocab_size=100,
+      split=splits.SplitConfig(fractions=(1.0, 0.0, 0.0))))
+  assert result.manifest["written"] == 1
+  assert result.manifest["rejections"] == {pipeline.COLLISION: 1, pipeline.DUPLICATE: 1}
