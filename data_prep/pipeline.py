@@ -24,9 +24,11 @@ Determinism: shard assignment hashes the tile id, records are sorted inside a sh
 (split, shard) parts are skipped and the remaining ones are numbered in shard order, so the
 same inputs give byte-identical record files and splits for any runner or worker count.
 
-Tiles with an unknown location (validate keeps them when the source says so) cannot be
+Tiles with an unknown location (validate keeps them when the source says so), and tiles of
+a scene that only has one point for all of them (``location_scope: 'scene'``), cannot be
 placed on the block grid: each source unit becomes one pseudo-block ``unlocated:<hash>``
 (tiles of one unit, e.g. one scene, are the likely neighbours), split by the same seeded hash.
+The buffer guarantee (`splits`) covers located tiles only.
 """
 
 from __future__ import annotations
@@ -240,7 +242,11 @@ class ReadEncodeFn(beam.DoFn):
       return example
     tile_id, source = example["tile_id"], example["source"]
     lat, lon = float(example["lat"]), float(example["lon"])
-    if math.isfinite(lat) and math.isfinite(lon):
+    # A tile that carries only its scene's point (`location_scope: 'scene'`, a scene without
+    # a georeference) is not where that point is: placed by it, the buffer would guard the
+    # wrong 1280 m and could drop the whole scene at once. It is split like an unlocated tile.
+    located = item.metadata.get("location_scope") != "scene"
+    if located and math.isfinite(lat) and math.isfinite(lon):
       assignment = splits.assign(lat, lon, self._split_config)
     else:
       bid = unlocated_block_id(spec, item.metadata.get("split_group") or unit)

@@ -332,3 +332,20 @@ def test_one_id_for_other_pixels_is_a_collision_not_a_duplicate(tmp_path):
       split=splits.SplitConfig(fractions=(1.0, 0.0, 0.0))))
   assert result.manifest["written"] == 1
   assert result.manifest["rejections"] == {pipeline.COLLISION: 1, pipeline.DUPLICATE: 1}
+
+
+def test_tiles_sharing_their_scene_point_are_split_as_one_unlocated_group(tmp_path):
+  """Without a georeference every tile of a scene carries the scene's one point: placed by it,
+  the buffer would guard the wrong 1280 m, and a point near a block edge dropped every tile."""
+  scene = tmp_path / "scene"
+  scene.mkdir()
+  np.save(scene / "B2.npy", np.full((2 * mod.TILE_SIZE,) * 2, 900, np.uint16))
+  lat = 2 * splits.SplitConfig().block_size_m / splits.M_PER_DEG  # on an edge between splits
+  (scene / "metadata.json").write_text(json.dumps({"lat": lat, "long": 10.0}))
+  assert splits.assign(lat, 10.0, splits.SplitConfig()).split == splits.BUFFER
+  result = pipeline.run_build(pipeline.BuildConfig(
+      sources=(f"raster:{scene}",), output_dir=str(tmp_path / "out"), vocab_size=100))
+  assert result.manifest["written"] == 4 and not result.manifest["rejections"]
+  (split,) = [s for s, info in result.manifest["splits"].items() if info["records"]]
+  blocks = {_text(r["block_id"]) for r in _records(result.dataset_dir, split)}
+  assert blocks == {pipeline.unlocated_block_id(f"raster:{scene}", str(scene))}
