@@ -48,6 +48,11 @@ def _input_bands_of_run(workdir: epath.Path) -> list[str]:
   return list(json.loads(path.read_text())["input_bands"])
 
 
+def is_exported(workdir: str | epath.PathLike, step: int) -> bool:
+  """Whether `export_encoder` finished for `step`: model_config.json is written last."""
+  return (epath.Path(workdir) / EXPORT_SUBDIR / str(step) / "model_config.json").exists()
+
+
 def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> epath.Path:
   """Writes the encoder-only export of checkpoint `step` (default: the newest); returns its dir."""
   workdir = epath.Path(workdir)
@@ -79,13 +84,14 @@ def export_encoder(workdir: str | epath.PathLike, step: int | None = None) -> ep
           partial_restore=True)}))[
           checkpointing.STATE_ITEM]
   out = workdir / EXPORT_SUBDIR / str(step)
+  if jax.process_index() == 0:  # incomplete until it is written again (`is_exported`)
+    (out / "model_config.json").unlink(missing_ok=True)
   trees = {"encoder": nnx.to_pure_dict(geomeld.encoder_params(state["params"]))}
   if mcfg.jepa:
     trees["ema_encoder"] = nnx.to_pure_dict(state["ema_params"])
   if mcfg.itc:  # the towers retrieval needs: text encoder, vision projection, temperature
-    trees["itc"] = {k: nnx.to_pure_dict(state["params"][k]) if k != "logit_scale"
-                    else np.asarray(nnx.to_pure_dict(state["params"])[k])
-                    for k in ITC_PARAMS if k in state["params"]}
+    pure = nnx.to_pure_dict(state["params"])  # scalars (logit_scale, SigLIP's logit_bias) too
+    trees["itc"] = {k: pure[k] for k in ITC_PARAMS if k in pure}
   saver = ocp.StandardCheckpointer()
   for name, tree in trees.items():
     saver.save((out / name).resolve(), tree, force=True)

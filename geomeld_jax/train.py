@@ -1,9 +1,10 @@
 """GeoMeld-FM pretraining loop: one readable function under section banners (big_vision style).
 
 `train_and_evaluate(config, workdir)` trains, evaluates the held-out loss every
-`config.eval_every` steps, checkpoints (async, every `config.checkpoint_every` steps and on
-preemption) and exports the encoder at the end. It resumes from the workdir's newest complete
-checkpoint, data iterator included, so a resumed run continues exactly.
+`config.eval_every` steps (the last one's means also in `last_eval.json`), checkpoints (async,
+every `config.checkpoint_every` steps and on preemption) and exports the encoder at the end. It
+resumes from the workdir's newest complete checkpoint, data iterator included, so a resumed
+run continues exactly; an evaluation or the export that a stop cut off runs on resuming.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from geomeld_jax.models import geomeld
 # Config keys a checkpoint must agree on to be resumed (schedules and logging may change).
 # input.num_workers: Grain's saved iterator position is per worker process; restoring it into a
 # different worker count fails (KeyError) or, with more workers, silently reorders the data.
-RESUME_KEYS = ("model", "seed", "input.crop_size", "input.text_len", "input.global_batch_size",
-               "input.num_workers", "mesh")
+# input.train_split: the saved position is an index into that split's shuffled records.
+RESUME_KEYS = ("model", "seed", "input.train_split", "input.crop_size", "input.text_len",
+               "input.global_batch_size", "input.num_workers", "mesh")
+# Written after each held-out evaluation: the step and its means. A stop or preemption between
+# a checkpoint and its evaluation leaves it behind, and the resumed run evaluates that step.
+LAST_EVAL_FILENAME = "last_eval.json"
 # Model fields that change how the step computes, not what (each tested equal): a run may
 # resume with another value, e.g. started on CPUs with dwconv_impl='taps', resumed on GPUs.
 RESUME_EXEMPT_KEYS = ("model.dwconv_impl", "model.mae_visible_only",
@@ -65,6 +70,17 @@ def _dataset(config) -> input_pipeline.DatasetFiles:
       data_dir, build_hint="python -m data_prep.demo --output_dir=" + str(data_dir))
 
 
+def _check_intervals(config) -> None:
+  for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key} must be positive, got {config[key]}")
+
+
+def _last_eval_step(workdir: epath.Path) -> int | None:
+  path = workdir / LAST_EVAL_FILENAME
+  return json.loads(path.read_text())["step"] if path.exists() else None
+
+
 def _check_finite(step: int, metrics: dict[str, float], workdir: epath.Path) -> None:
   """Stops the run on a NaN/Inf loss, after writing what is needed to debug it."""
   bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
@@ -88,6 +104,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
     stop_after: stop after this step as a preempted job would (checkpoint, no export); a
       later call resumes. For time-boxed jobs and the resume tests.
   """
+  _check_intervals(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_host0 = jax.process_index() == 0
@@ -127,6 +144,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   train_ds = input_pipeline.make_dataset(files, config.input.train_split, train=True,
                                          num_workers=config.input.num_workers, **data_kw)
   train_iter = iter(train_ds)
+  # Built now, not at the first evaluation: a missing or too small eval split fails before
+  # any step is trained. Iterating it again starts it again.
+  eval_ds = input_pipeline.make_dataset(files, config.input.eval_split, train=False,
+                                        max_eval_batches=config.input.eval_batches, **data_kw)
   first = next(iter(train_ds))  # a second iterator: train_iter's position is untouched
   # Checked in plain Python before anything compiles: a wrong key fails here, by name.
   ts.check_batch(mcfg, normalizer, first)
@@ -160,8 +181,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   repl = sharding.replicated(mesh)
 
   def evaluate(step: int) -> None:
-    eval_ds = input_pipeline.make_dataset(files, config.input.eval_split, train=False,
-                                          max_eval_batches=config.input.eval_batches, **data_kw)
     sums: dict[str, float] = {}
     n = 0
     for i, batch in enumerate(eval_ds):
@@ -170,11 +189,19 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
       for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       n += 1
-    if n:
-      writer.write_scalars(step, {f"eval/{k}": v / n for k, v in sums.items()})
+    means = {f"eval/{k}": v / n for k, v in sums.items()} if n else {}
+    writer.write_scalars(step, means)
+    if is_host0:
+      (workdir / LAST_EVAL_FILENAME).write_text(json.dumps({"step": step, **means}, indent=1))
+
+  def is_eval_step(step: int) -> bool:
+    return step % config.eval_every == 0 or step == config.total_steps
 
   history: dict[int, dict[str, float]] = {}
   t0 = time.monotonic()
+  if first_step and is_eval_step(first_step) and _last_eval_step(workdir) != first_step:
+    logging.info("evaluating step %d first: the run stopped before its evaluation", first_step)
+    evaluate(first_step)
   try:
     for step in range(first_step + 1, config.total_steps + 1):
       batch = sharding.put_batch(next(train_iter), mesh)  # explicit, allowed by the guard
@@ -193,7 +220,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
       if ckpt.reached_preemption(step) or step == stop_after:
         logging.warning("stopping after step %d (preemption or stop_after): saved", step)
         return history
-      if step % config.eval_every == 0 or step == config.total_steps:
+      if is_eval_step(step):
         evaluate(step)
   finally:
     # Whatever ends the loop (the end, a stop, a NaN, an error), a save in flight holds a good
@@ -209,8 +236,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
   ##########################################################################################
   # Export                                                                                 #
   ##########################################################################################
-  if config.export_at_end and first_step < config.total_steps:
-    from geomeld_jax import export  # pylint: disable=g-import-not-at-top
+  # Also when this call trained nothing: a stop at the last step, or a kill during the
+  # export, left the final checkpoint without its export.
+  from geomeld_jax import export  # pylint: disable=g-import-not-at-top
 
+  if config.export_at_end and not export.is_exported(workdir, config.total_steps):
     export.export_encoder(workdir, step=config.total_steps)
   return history

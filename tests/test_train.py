@@ -86,7 +86,7 @@ def _sigterm_after(monkeypatch, num_steps: int) -> None:
 
 
 def test_resume_continues_bit_for_bit(full_run, demo_dataset, tmp_path, monkeypatch):
-  _, reference = full_run
+  workdir, reference = full_run
   config = _config(demo_dataset)
   # Three legs: stopped by stop_after, then by a SIGTERM off the checkpoint interval, then to the end.
   first = train.train_and_evaluate(config, tmp_path, stop_after=STOP_AT)
@@ -99,8 +99,22 @@ def test_resume_continues_bit_for_bit(full_run, demo_dataset, tmp_path, monkeypa
   assert preempted_at % config.checkpoint_every  # so only the signal can have saved it
   assert checkpointing.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1
                                     ).latest_step() == preempted_at
-  third = train.train_and_evaluate(config, tmp_path)
+  # The last leg stops at the last step, before its evaluation and export; a fourth call
+  # trains nothing but runs both (and the eval at STOP_AT, cut off by the first stop, ran
+  # first thing in the second leg).
+  third = train.train_and_evaluate(config, tmp_path, stop_after=TOTAL_STEPS)
   assert sorted(third) == list(range(preempted_at + 1, TOTAL_STEPS + 1))
+  assert not export.is_exported(tmp_path, TOTAL_STEPS)
+  assert json.loads((tmp_path / train.LAST_EVAL_FILENAME).read_text())["step"] == STOP_AT
+  assert train.train_and_evaluate(config, tmp_path) == {}
+  assert export.is_exported(tmp_path, TOTAL_STEPS)
+  last_eval = json.loads((tmp_path / train.LAST_EVAL_FILENAME).read_text())
+  from geomeld_jax.evaluation import report
+
+  ran = report.read_scalars(tmp_path / "tensorboard")["eval/loss"]
+  assert [s for s, _ in ran] == [STOP_AT, TOTAL_STEPS] and last_eval["step"] == TOTAL_STEPS
+  reference_eval = report.read_scalars(workdir / "tensorboard")["eval/loss"]
+  assert [v for _, v in ran] == [v for _, v in reference_eval]  # the same held-out losses
   legs = {**first, **second, **third}
   for step in range(1, TOTAL_STEPS + 1):
     assert legs[step]["loss"] == reference[step]["loss"], step  # bit for bit, not approximately
@@ -148,10 +162,14 @@ def test_export_loads_and_retrieval_runs(full_run, tmp_path):
       assert 0.0 <= value <= 100.0, (name, value)
 
 
-def test_incompatible_checkpoint_is_refused_by_key(full_run, demo_dataset):
+@pytest.mark.parametrize("key, value", [
+    ("model.decoder_width", 32),
+    ("input.train_split", "val"),  # the saved position indexes the train split's records
+])
+def test_incompatible_checkpoint_is_refused_by_key(full_run, demo_dataset, key, value):
   workdir, _ = full_run
-  config = _config(demo_dataset, **{"model.decoder_width": 32})
-  with pytest.raises(ValueError, match="model.decoder_width"):
+  config = _config(demo_dataset, **{key: value})
+  with pytest.raises(ValueError, match=key):
     train.train_and_evaluate(config, workdir)
 
 
@@ -186,3 +204,39 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(demo_dataset, tmp_p
   assert diagnostics["step"] == 5 and "loss" in diagnostics["nonfinite"]
   checkpointer = checkpointing.Checkpointer(tmp_path, save_interval_steps=3, max_to_keep=2)
   assert checkpointer.all_steps() == [3]
+
+
+def test_export_of_a_siglip_run_keeps_its_bias(tmp_path):
+  """SigLIP's logit_bias is a scalar parameter, like the temperature (the export once failed
+  on it). The checkpoint is written directly: no training needed."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from geomeld_jax import modalities as mod  # pylint: disable=g-import-not-at-top
+  from geomeld_jax.models import geomeld  # pylint: disable=g-import-not-at-top
+
+  config = _config(tmp_path, **{"model.itc_loss": "siglip"})
+  checkpointing.save_config(tmp_path, config)
+  (tmp_path / checkpointing.DATASET_FILENAME).write_text(
+      json.dumps({"input_bands": list(mod.SENTINEL2.bands)}))
+  mcfg = geomeld.GeoMeldFMConfig.from_dict(config.model.to_dict())
+  _, params = geomeld.init(mcfg, jax.random.key(0))
+  params["logit_bias"][...] = jnp.float32(-7.5)
+  manager = ocp.CheckpointManager(checkpointing.checkpoint_dir(tmp_path),
+                                  item_names=(checkpointing.STATE_ITEM,))
+  manager.save(3, args=ocp.args.Composite(**{checkpointing.STATE_ITEM: ocp.args.PyTreeSave(
+      {"params": params, "ema_params": geomeld.encoder_params(params)})}))
+  manager.wait_until_finished()
+  out = export.export_encoder(tmp_path)
+  assert export.is_exported(tmp_path, 3)
+  model, info = export.load_itc_model(out)
+  assert info["model"]["itc_loss"] == "siglip" and float(model.logit_bias[...]) == -7.5
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"input.eval_split": "nope"}, "no split 'nope'"),
+    ({"input.global_batch_size": 64}, "split 'val' has .* records, fewer than one global batch"),
+    ({"eval_every": 0}, "config.eval_every must be positive"),
+])
+def test_bad_eval_settings_fail_before_any_step(demo_dataset, tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(_config(demo_dataset, **overrides), tmp_path)
+  assert not (tmp_path / checkpointing.CHECKPOINT_SUBDIR).exists()
