@@ -83,12 +83,29 @@ def test_embed_geotiff_tiles_to_npy_and_parquet(tmp_path, tiny_encoder):
   np.testing.assert_array_equal(np.load(npy, allow_pickle=False), emb)
   table = pq.read_table(parquet).to_pydict()
   assert table["tile_id"] == ["tile0_20210601", "tile1_20210602", "tile2_20210603"]
+  assert table["index"] == [0, 1, 2]
   assert table["date"] == ["2021-06-01", "2021-06-02", "2021-06-03"]
   assert all(np.isnan(table["lat"]))  # no geokeys in these tiles
   # Same result one tile at a time (the padding of the last batch is dropped).
   single, _ = embed.embed(tiny_encoder, embed.read_tiles(tiles, tmp_path / "statistics.json"),
                           batch_size=1)
   np.testing.assert_allclose(single, emb, rtol=1e-4, atol=1e-5)
+  # Two processes' shares (--num_shards=2): tiles 0, 2 and tile 1, back in order by `index`.
+  parts = []
+  for k in range(2):
+    part, part_meta = embed.embed(
+        tiny_encoder, embed.read_tiles(tiles, tmp_path / "statistics.json", shard=(k, 2)),
+        batch_size=2)
+    npy, parquet = embed.write_outputs(tmp_path / "out" / "emb", part, part_meta, shard=(k, 2))
+    assert npy.name == f"emb-0000{k}-of-00002.npy"
+    parts.append((pq.read_table(parquet).to_pydict()["index"], np.load(npy)))
+  assert [index for index, _ in parts] == [[0, 2], [1]]
+  merged = np.zeros_like(emb)
+  for index, part in parts:
+    merged[index] = part
+  np.testing.assert_allclose(merged, emb, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="shard index"):
+    next(embed.read_tiles(tiles, tmp_path / "statistics.json", shard=(2, 2)))
 
 
 def test_geotiff_tile_centre_uses_the_projected_crs(tmp_path):
