@@ -181,10 +181,12 @@ def write_outputs(output: str | pathlib.Path, emb: np.ndarray, meta: dict[str, l
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
   output = pathlib.Path(output)
+  name = output.name.removesuffix(".npy").removesuffix(".parquet")
   if shard[1] > 1:
-    output = output.with_name(f"{output.name}-{shard[0]:05d}-of-{shard[1]:05d}")
+    name = f"{name}-{shard[0]:05d}-of-{shard[1]:05d}"
   output.parent.mkdir(parents=True, exist_ok=True)
-  npy, parquet = output.with_suffix(".npy"), output.with_suffix(".parquet")
+  # Appended, not `with_suffix`: that would cut 'geomeld_1.0.0_test' to 'geomeld_1.0'.
+  npy, parquet = output.parent / f"{name}.npy", output.parent / f"{name}.parquet"
   np.save(npy, emb.astype(np.float32), allow_pickle=False)
   table = pa.table({"row": np.arange(len(emb), dtype=np.int64),
                     "index": np.asarray(meta["index"], np.int64), "tile_id": meta["tile_id"],

@@ -167,9 +167,10 @@ def lr_scales(params: nnx.State, layer_decay: float, depths: tuple[int, ...]) ->
 
 
 def _loss(kind, logits, y, num_classes, smoothing):
-  if kind == "segmentation":
-    onehot = jax.nn.one_hot(y, num_classes)
-    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+  if kind == "segmentation":  # label -1: the padding to the stride, not a class
+    valid = y >= 0
+    ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), jax.nn.one_hot(y, num_classes))
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
   return probe.classification_loss(kind, logits, y, num_classes, smoothing)
 
 
@@ -278,8 +279,9 @@ def finetune_task(encoder: convnextv2.ConvNeXtV2, train_split, test_split, *, ki
   x_tr = probe.fit_to_stride(train_split.x, stride, mode)
   x_te = probe.fit_to_stride(test_split.x, stride, mode)
   y_tr, y_te = train_split.y, test_split.y
-  if seg:  # padded pixels get class 0 in training; the test score is computed on the real ones
-    y_tr = np.pad(y_tr, ((0, 0), (0, x_tr.shape[1] - y_tr.shape[1]), (0, x_tr.shape[2] - y_tr.shape[2])))
+  if seg:  # padded pixels are no class (-1, out of the loss); test scores the real ones only
+    y_tr = np.pad(y_tr, ((0, 0), (0, x_tr.shape[1] - y_tr.shape[1]), (0, x_tr.shape[2] - y_tr.shape[2])),
+                  constant_values=-1)
   model = build_task_model(encoder, kind, num_classes, cfg, seed)
   if seg:
     train(model, x_tr, y_tr, kind=kind, num_classes=num_classes, lr=cfg.seg_lr,

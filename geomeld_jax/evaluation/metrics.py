@@ -40,6 +40,8 @@ def f1_from_counts(counts: np.ndarray) -> float:
 
 def multilabel_micro_f1(logits: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> float:
   """Micro-averaged F1 of sigmoid(logits) > threshold against 0/1 targets (N, C)."""
+  if not len(targets):
+    raise ValueError("multilabel_micro_f1 of an empty set")
   return f1_from_counts(multilabel_counts(logits, targets, threshold))
 
 
@@ -77,8 +79,10 @@ def per_class_iou(confusion: np.ndarray) -> np.ndarray:
 
 def macro_iou(confusion: np.ndarray) -> float:
   """Mean IoU over the classes that occur in the targets or predictions (all classes count)."""
+  if not np.asarray(confusion).sum():
+    raise ValueError("macro_iou of an empty set")
   iou = per_class_iou(confusion)
-  return float(np.nanmean(iou)) if np.any(np.isfinite(iou)) else 0.0
+  return float(np.nanmean(iou))
 
 
 def task_metric(kind: str, logits: np.ndarray, targets: np.ndarray,
@@ -99,28 +103,32 @@ def task_metric(kind: str, logits: np.ndarray, targets: np.ndarray,
 # ----------------------------------------------------------------------------------------
 
 
-def retrieval_recalls(similarity: np.ndarray, image_of_text: Sequence[int],
+def retrieval_recalls(similarity: np.ndarray, images_of_text: Sequence[int | Sequence[int]],
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
   """Image->text and text->image R@K (%) and their mean ``mR``.
 
   Args:
     similarity: (N_images, N_texts) scores.
-    image_of_text: (N_texts,) the image index each caption belongs to (several captions per
-      image allowed; an image without captions is skipped as an i2t query).
+    images_of_text: per text, the image it belongs to, or every image it is a correct caption
+      of (one text shared by several images: the same string must not count as a hit for
+      one of them and a miss for the others). An image without captions is no i2t query.
     ks: the K values.
 
   i2t R@K: fraction of images with at least one of their captions among the top-K texts.
-  t2i R@K: fraction of captions whose image is among the top-K images. Ranks count strictly
-  higher scores plus earlier-index ties (a stable sort on -S), in float32.
+  t2i R@K: fraction of texts with at least one of their images among the top-K images.
+  Ranks count strictly higher scores plus earlier-index ties (a stable sort on -S), in float32.
   """
   s = np.asarray(similarity, np.float32)
-  img_of = np.asarray(image_of_text, np.int64)
   n_img, n_txt = s.shape
-  if img_of.shape != (n_txt,):
-    raise ValueError(f"image_of_text must be ({n_txt},) for a {s.shape} similarity, got "
-                     f"{img_of.shape}")
-  if n_txt and (img_of.min() < 0 or img_of.max() >= n_img):
-    raise ValueError(f"image_of_text holds indices outside [0, {n_img})")
+  if len(images_of_text) != n_txt:
+    raise ValueError(f"images_of_text must have {n_txt} entries for a {s.shape} similarity, "
+                     f"got {len(images_of_text)}")
+  relevant = np.zeros((n_img, n_txt), bool)
+  for t, images in enumerate(images_of_text):
+    images = np.atleast_1d(np.asarray(images, np.int64))
+    if images.size == 0 or images.min() < 0 or images.max() >= n_img:
+      raise ValueError(f"text {t} names images {images.tolist()}: need one or more in [0, {n_img})")
+    relevant[images, t] = True
   # Rank of every text in each image's list, and of every image in each text's list.
   order_i2t = np.argsort(-s, axis=1, kind="stable")
   rank_i2t = np.empty_like(order_i2t)
@@ -128,16 +136,16 @@ def retrieval_recalls(similarity: np.ndarray, image_of_text: Sequence[int],
   order_t2i = np.argsort(-s, axis=0, kind="stable")
   rank_t2i = np.empty_like(order_t2i)
   np.put_along_axis(rank_t2i, order_t2i, np.arange(n_img)[:, None].repeat(n_txt, 1), axis=0)
-  # Best rank among an image's own captions; images without captions are not queries.
-  best = np.full(n_img, np.iinfo(np.int64).max)
-  np.minimum.at(best, img_of, rank_i2t[img_of, np.arange(n_txt)])
-  has_caption = best < np.iinfo(np.int64).max
-  text_rank = rank_t2i[img_of, np.arange(n_txt)]
+  never = np.iinfo(np.int64).max
+  best_text = np.where(relevant, rank_i2t, never).min(axis=1)  # per image: its best caption
+  best_image = np.where(relevant, rank_t2i, never).min(axis=0)  # per text: its best image
+  has_caption = relevant.any(axis=1)
   out: dict[str, float] = {}
   for k in ks:
-    out[f"i2t_R@{k}"] = 100.0 * float(np.mean(best[has_caption] < k)) if has_caption.any() else 0.0
+    out[f"i2t_R@{k}"] = (100.0 * float(np.mean(best_text[has_caption] < k))
+                         if has_caption.any() else 0.0)
   for k in ks:
-    out[f"t2i_R@{k}"] = 100.0 * float(np.mean(text_rank < k)) if n_txt else 0.0
+    out[f"t2i_R@{k}"] = 100.0 * float(np.mean(best_image < k)) if n_txt else 0.0
   out["mR"] = float(np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks]))
   return out
 

@@ -84,6 +84,8 @@ def extract_features(encoder: nnx.Module, batches: Iterable[tuple[np.ndarray, np
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
       feats.append(fn(chunk)[:batch_size - pad])
     labels.append(np.asarray(y))
+  if not feats:
+    raise ValueError("no samples to extract features from: the split is empty")
   return np.concatenate(feats), np.concatenate(labels)
 
 
@@ -270,14 +272,21 @@ def task_features(encoder: nnx.Module, task, split: str, *, cache: FeatureCache,
                   batch_size: int, max_samples: int | None = None,
                   drop_bands: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
   """Pooled features of a GeoBenchTask split through the cache."""
+  # The task's files by size and mtime: a folder converted again gets new features and labels.
+  files = {f.name: f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(
+      task.dir.glob("*.json"))}
   key = cache_key(checkpoint=checkpoint_id, task=task.info.name, dir=str(task.dir),
                   partition=task.partition, split=split, max_samples=max_samples,
                   drop=sorted(drop_bands), dup=sorted(task.duplicates.items()),
-                  stats_divisor=task.stats_divisor)
+                  stats_divisor=task.stats_divisor, files=files)
 
   def compute():
     batches = ((b.x, b.y) for b in task.iter_batches(split, 256, max_samples=max_samples,
                                                       drop_bands=drop_bands))
-    return extract_features(encoder, batches, batch_size=batch_size)
+    try:
+      return extract_features(encoder, batches, batch_size=batch_size)
+    except ValueError as e:
+      raise ValueError(f"{task.info.name} split {split!r} ({task.partition} partition in "
+                       f"{task.dir}): {e}") from None
 
   return cache.get_or_compute(key, compute)

@@ -139,19 +139,27 @@ def text_embeddings(model, tokens: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def tokenize_captions(files: input_pipeline.DatasetFiles, captions: list[list[str]],
-                      text_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """All captions as (T, L) token ids and the image index of each."""
+                      text_len: int) -> tuple[np.ndarray, list[str], list[list[int]]]:
+  """The distinct caption strings as (T, L) token ids, the strings, and per string every image
+  whose captions hold it: template captions repeat across tiles, and a string shared by two
+  images is a correct answer for both (`metrics.retrieval_recalls`)."""
   if not files.tokenizer.is_file():
     raise FileNotFoundError(f"{files.tokenizer} is missing: the dataset was built without captions")
   tok = input_pipeline.Tokenizer(files.tokenizer, text_len)
-  tokens, image_of = [], []
+  index: dict[str, int] = {}
+  tokens, texts, images_of = [], [], []
   for i, caps in enumerate(captions):
     for c in caps:
-      tokens.append(tok(c))
-      image_of.append(i)
+      if c not in index:
+        index[c] = len(texts)
+        tokens.append(tok(c))
+        texts.append(c)
+        images_of.append([])
+      if i not in images_of[index[c]]:
+        images_of[index[c]].append(i)
   if not tokens:
     raise ValueError("no captions to retrieve")
-  return np.stack(tokens), np.asarray(image_of, np.int64)
+  return np.stack(tokens), texts, images_of
 
 
 def evaluate_retrieval(model, files: input_pipeline.DatasetFiles, split: str = "test", *,
@@ -160,15 +168,16 @@ def evaluate_retrieval(model, files: input_pipeline.DatasetFiles, split: str = "
                        ) -> dict[str, dict[str, float]]:
   """{'all_bands': recalls, 'drop_<bands>': recalls, ...} on the captioned images of `split`."""
   data = load_split(files, split, crop_size=crop_size, max_images=max_images, captioned_only=True)
-  tokens, image_of = tokenize_captions(files, data.captions, text_len)
+  tokens, _, images_of = tokenize_captions(files, data.captions, text_len)
   txt = text_embeddings(model, tokens, batch_size)
   out = {}
   for name, drop in [("all_bands", ())] + [("drop_" + "+".join(d), tuple(d)) for d in drop_bands]:
     x, v = drop_s2_bands(data.x, data.valid, drop) if drop else (data.x, data.valid)
     img = image_embeddings(model, x, v, batch_size)
-    out[name] = metrics.retrieval_recalls(img @ txt.T, image_of)
+    out[name] = metrics.retrieval_recalls(img @ txt.T, images_of)
     out[name]["num_images"] = float(len(img))
-    out[name]["num_captions"] = float(len(txt))
+    out[name]["num_captions"] = float(len(txt))  # distinct strings
+    out[name]["num_captions_shared"] = float(sum(len(i) > 1 for i in images_of))
   return out
 
 
@@ -189,15 +198,15 @@ def retrieval_examples(model, files, split: str, *, crop_size: int, text_len: in
                        ) -> list[dict[str, Any]]:
   """Text queries (a tile's caption) with their top-k tiles: for the visual report."""
   data = load_split(files, split, crop_size=crop_size, max_images=max_images, captioned_only=True)
-  tokens, image_of = tokenize_captions(files, data.captions, text_len)
+  tokens, texts, _ = tokenize_captions(files, data.captions, text_len)
   img = image_embeddings(model, data.x, data.valid, batch_size)
   txt = text_embeddings(model, tokens, batch_size)
   sim = txt @ img.T
   out = []
-  first_caption = [int(np.flatnonzero(image_of == i)[0]) for i in range(min(num_queries, len(img)))]
-  for t in first_caption:
+  for i in range(min(num_queries, len(img))):  # each query: an image's first caption
+    t = texts.index(data.captions[i][0])
     top = np.argsort(-sim[t], kind="stable")[:k]
-    out.append({"query": data.captions[image_of[t]][0], "true_image": int(image_of[t]),
+    out.append({"query": texts[t], "true_image": i,
                 "top": [int(i) for i in top], "scores": [float(sim[t, i]) for i in top],
                 "captions": [data.captions[i][0] for i in top], "x": data.x[top],
                 "valid": data.valid[top]})

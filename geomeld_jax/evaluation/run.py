@@ -49,7 +49,9 @@ def load_checkpoint(spec: str, baseline: Any, seed: int = 0) -> tuple[convnextv2
     enc = convnextv2.ConvNeXtV2(b["variant"], in_chans, stem=b["stem"], patch_size=b["patch_size"],
                                 rngs=nnx.Rngs(seed))
     convert.convert_to_flax(convert.load_torch_state_dict(path), enc)
-    return enc, f"imagenet:{pathlib.Path(path).resolve()}:seed{seed}"
+    st = pathlib.Path(path).stat()  # the baseline shapes the features, the file's state its weights
+    return enc, (f"imagenet[{b['variant']},{b['stem']},{b['patch_size']}]:"
+                 f"{pathlib.Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}:seed{seed}")
   from geomeld_jax import export  # pylint: disable=g-import-not-at-top
 
   export_dir = pathlib.Path(spec)
@@ -65,7 +67,8 @@ def load_checkpoint(spec: str, baseline: Any, seed: int = 0) -> tuple[convnextv2
   enc, _ = export.load_encoder(export_dir)
   if enc.in_chans != in_chans:
     raise ValueError(f"{cfg_path}: encoder has {enc.in_chans} input channels, tasks give {in_chans}")
-  return enc, f"export:{export_dir.resolve()}"
+  st = cfg_path.stat()  # exported again (another run, another step): other features
+  return enc, f"export:{export_dir.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _max(v: int) -> int | None:
@@ -94,6 +97,10 @@ def evaluate(config, checkpoints: list[str], tasks: list[str], geobench_dir: str
       task = geobench.GeoBenchTask(geobench_dir, task_name, partition=config.partition,
                                    fill_missing=config.fill_missing, stats_divisor=divisor)
       cols: dict[str, dict[str, Any]] = {}
+      if info.is_segmentation and "finetune" not in modes:
+        logging.warning("%s is a segmentation task: a linear probe does not apply and "
+                        "config.modes %s has no 'finetune', so it gets no result", task_name,
+                        modes)
       for seed in config.seeds:
         encoder, ckpt_id = load_checkpoint(ckpt, config.baseline, seed)
         if "probe" in modes and not info.is_segmentation:

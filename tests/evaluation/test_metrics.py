@@ -60,6 +60,21 @@ def test_retrieval_perfect_and_several_captions():
   assert r["mR"] == pytest.approx(np.mean([200 / 3, 200 / 3, 25.0, 75.0]))
 
 
+def test_retrieval_counts_a_caption_shared_by_two_images_for_both():
+  """Template captions repeat: "a forest" belongs to images 0 and 1, so retrieving it for
+  either is a hit (scored per copy, image 1's copy lost to image 0's on the index tie)."""
+  s = np.array([[0.9, 0.1],    # texts: 0 = "a forest" (images 0 and 1), 1 = "a lake" (image 2)
+                [0.9, 0.2],
+                [0.0, 0.8]])
+  r = metrics.retrieval_recalls(s, [[0, 1], [2]], ks=(1,))
+  assert r["i2t_R@1"] == pytest.approx(100.0) and r["t2i_R@1"] == pytest.approx(100.0)
+  per_copy = metrics.retrieval_recalls(np.array([[0.9, 0.9, 0.1], [0.9, 0.9, 0.2], [0.0, 0.0, 0.8]]),
+                                       [0, 1, 2], ks=(1,))
+  assert per_copy["i2t_R@1"] == pytest.approx(200 / 3)  # the bias the sets remove
+  with pytest.raises(ValueError, match="text 1 names images"):
+    metrics.retrieval_recalls(s, [[0], []], ks=(1,))
+
+
 def test_mean_std():
   assert metrics.mean_std([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))
   assert metrics.mean_std([5.0]) == (5.0, 0.0)

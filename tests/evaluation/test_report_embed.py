@@ -104,6 +104,9 @@ def test_embed_geotiff_tiles_to_npy_and_parquet(tmp_path, tiny_encoder):
   for index, part in parts:
     merged[index] = part
   np.testing.assert_allclose(merged, emb, rtol=1e-4, atol=1e-5)
+  dotted = embed.write_outputs(tmp_path / "out" / "geomeld_1.0.0_test", emb, meta, shard=(1, 2))
+  assert [p.name for p in dotted] == ["geomeld_1.0.0_test-00001-of-00002.npy",
+                                      "geomeld_1.0.0_test-00001-of-00002.parquet"]
   with pytest.raises(ValueError, match="shard index"):
     next(embed.read_tiles(tiles, tmp_path / "statistics.json", shard=(2, 2)))
 
