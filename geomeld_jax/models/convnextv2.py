@@ -63,6 +63,12 @@ ORIGINAL_STEM_STRIDE = 4
 # the std to 0.0176).
 KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 BIAS_INIT = nnx.initializers.zeros_init()
+# The stem conv's bias alone starts random (timm: zeros; converted weights overwrite it). With
+# zeros, a pixel whose 3x3 neighbourhood is all no-data (0) gives the stem LayerNorm an
+# all-equal vector: zero variance, so its backward multiplies by 1/sqrt(eps) = 1000, and the
+# zero residual stream repeats that in the norms after it. One tile with a no-data strip took
+# the initial gradient norm from 42 to 2.4e9, and clipping then zeroed every other update.
+STEM_BIAS_INIT = nnx.initializers.normal(stddev=0.02)
 
 
 def variant_config(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -390,13 +396,15 @@ class ConvNeXtV2(nnx.Module):
 
     if stem == "original":
       self.stem_conv = nnx.Conv(in_chans, dims[0], (stem_patch, stem_patch),
-                                strides=(stem_patch, stem_patch), padding="VALID", **common)
+                                strides=(stem_patch, stem_patch), padding="VALID",
+                                **{**common, "bias_init": STEM_BIAS_INIT})
       self.stem_norm = LayerNorm(dims[0], **norm_kw)
       self.stem_patch_conv = None
       self.stem_patch_norm = None
     else:
       # VALID: `_patch_stem` takes inputs with the one-pixel zero border already added.
-      self.stem_conv = nnx.Conv(in_chans, dims[0], (3, 3), padding="VALID", **common)
+      self.stem_conv = nnx.Conv(in_chans, dims[0], (3, 3), padding="VALID",
+                                **{**common, "bias_init": STEM_BIAS_INIT})
       self.stem_norm = LayerNorm(dims[0], **norm_kw)
       self.stem_patch_conv = nnx.Conv(dims[0], dims[0], (stem_patch, stem_patch),
                                       strides=(stem_patch, stem_patch), padding="VALID",

@@ -362,6 +362,13 @@ def jepa_masks(cfg: GeoMeldFMConfig, key: jax.Array, batch: int, grid_h: int,
   return masks, capacity
 
 
+def _cells_with_data(valid: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+  """(B, grid_h, grid_w) bool: the cell holds at least one valid input pixel of any band."""
+  b, h, w, _ = valid.shape
+  any_band = jnp.any(valid, axis=-1).reshape(b, grid_h, h // grid_h, grid_w, w // grid_w)
+  return jnp.any(any_band, axis=(2, 4))
+
+
 def input_image(batch: Mapping[str, jax.Array], dtype: Any) -> jax.Array:
   """The encoder's input from the batch contract: Sentinel-2 with 0 at invalid pixels
   (`where`, not a multiply: NaN in a no-data input band must not reach the loss)."""
@@ -426,9 +433,15 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
   b, h, w, _ = x.shape
   grid_h, grid_w = model.encoder.grid_shape(h, w)
   stride = model.encoder.stride
+  if convnextv2.num_visible_cells(grid_h, grid_w, cfg.mask_ratio) < 1:
+    raise ValueError(f"mask_ratio {cfg.mask_ratio} leaves no visible cell of the {grid_h}x"
+                     f"{grid_w} grid ({h}x{w} px at stride {model.encoder.stride}): lower it")
   mask = convnextv2.random_patch_mask(k_mask, b, grid_h, grid_w, cfg.mask_ratio)
   visible_cells = (convnextv2.num_visible_cells(grid_h, grid_w, cfg.mask_ratio)
                    if cfg.mae_visible_only else None)
+  # Cells without one valid input pixel (swath edges) hold nothing to predict or describe:
+  # JEPA does not target them and the ITC view does not pool them.
+  has_data = _cells_with_data(batch[f"{mod.INPUT_MODALITY}_valid"], grid_h, grid_w)
   # Named scopes label each branch's ops in profiles (geomeld_jax.bench --profile_dir).
   with jax.named_scope("mae_encoder"):
     feats, _ = model.encoder(x, mask, max_visible_cells=visible_cells, **enc_kw)
@@ -467,7 +480,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
     teacher = nnx.merge(enc_graphdef, jax.lax.stop_gradient(ema_params), enc_rest)
     with jax.named_scope("jepa_teacher"):
       teacher_feats = jax.lax.stop_gradient(teacher(x, None, deterministic=True)[0])
-    terms["jepa"] = losses.jepa_loss(pred, teacher_feats, target, kind=cfg.jepa_loss)
+    terms["jepa"] = losses.jepa_loss(pred, teacher_feats, target & has_data, kind=cfg.jepa_loss)
     metrics["jepa/target_std"] = _channel_std(losses.layer_norm_no_affine(teacher_feats))
     metrics["jepa/pred_std"] = _channel_std(pred)
     metrics["jepa/context_frac"] = jnp.mean(context.astype(jnp.float32))
@@ -476,7 +489,7 @@ def loss_fn(params: nnx.State, ema_params: nnx.State | None, model_def: ModelDef
 
   if cfg.itc:
     if cfg.vision_embedding == "visible":
-      visible = ~mask[..., None]
+      visible = (~mask & has_data)[..., None]
       f32 = feats.astype(jnp.float32)
       pooled = (jnp.sum(jnp.where(visible, f32, 0.0), axis=(1, 2))
                 / jnp.maximum(jnp.sum(visible, axis=(1, 2)), 1).astype(jnp.float32))

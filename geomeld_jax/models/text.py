@@ -45,7 +45,9 @@ class _Attention(nnx.Module):
     b, length, width = x.shape
     qkv = self.qkv(x).reshape(b, length, 3, self.heads, width // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(F32) * (width // self.heads) ** -0.5
+    # float32 out of the matmul itself: cast afterwards, the logits keep bf16's rounding.
+    scores = (jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32)
+              * (width // self.heads) ** -0.5)
     probs = jax.nn.softmax(jnp.where(allow, scores, _MASKED), axis=-1).astype(x.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, width)
     return self.out(out)

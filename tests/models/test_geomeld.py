@@ -378,3 +378,24 @@ def test_unmasked_eval_metric_equals_the_unmasked_training_view(batch):
   unmasked = jax.jit(lambda p: geomeld.unmasked_itc_metrics(p, model_def, batch))(params)
   assert float(unmasked["itc/i2t_top1_unmasked"]) == float(metrics["itc/i2t_top1"])
   assert 0.0 <= float(metrics["itc/i2t_top1"]) <= 1.0
+
+
+def test_cells_without_input_data_are_no_jepa_target(batch):
+  """A swath edge: the right half of every tile has no valid Sentinel-2 pixel, so its cells
+  (columns 2-3 of the 4x4 grid) hold nothing for JEPA to predict."""
+  c = _compiled("full")
+  key = jax.random.key(5)
+  edge = dict(batch)
+  edge["sentinel2_valid"] = batch["sentinel2_valid"].at[:, :, HW // 2:].set(False)
+  (loss, metrics), _ = c.step(c.params, c.ema, edge, key)
+  _, k_jepa, _ = jax.random.split(key, 3)  # as loss_fn splits its key
+  masks, _ = geomeld.jepa_masks(c.config, k_jepa, B, HW // PATCH, HW // PATCH)
+  assert float(metrics["count/jepa"]) == float(jnp.sum(masks.target[:, :, :2]))
+  assert float(jnp.sum(masks.target[:, :, 2:])) > 0 and np.isfinite(float(loss))
+
+
+def test_mask_ratio_leaving_no_visible_cell_is_a_clear_error(batch):
+  c = _compiled("mp_mae")
+  model_def = dataclasses.replace(c.model_def, config=dataclasses.replace(c.config, mask_ratio=0.95))
+  with pytest.raises(ValueError, match="mask_ratio 0.95 leaves no visible cell of the 4x4 grid"):
+    jax.eval_shape(lambda: geomeld.loss_fn(c.params, None, model_def, batch, jax.random.key(0)))
