@@ -69,9 +69,10 @@ mkdir -p "$WORKDIR/launch"
 printf '%s\n' "$RECORD" > "$WORKDIR/launch/$RUN_ID.txt"
 "${CMD[@]}" > >(tee -a "$WORKDIR/train.log") 2>&1 &
 TRAIN_PID=$!
-# A SIGTERM sent to this script (a scheduler, `docker stop`, `kill`) goes on to the trainer,
-# which checkpoints the next step and stops; this script then exits with the trainer's status.
-trap 'kill -TERM "$TRAIN_PID" 2>/dev/null || true' TERM
+# A SIGTERM or Ctrl-C sent to this script (a scheduler, `docker stop`, `kill`) goes on to the
+# trainer as SIGTERM, which checkpoints the next step and stops; this script then exits with the
+# trainer's status. (A background job of a script ignores SIGINT itself, so Ctrl-C needs this.)
+trap 'kill -TERM "$TRAIN_PID" 2>/dev/null || true' TERM INT
 status=0
 wait "$TRAIN_PID" || status=$?
 while kill -0 "$TRAIN_PID" 2>/dev/null; do  # the trap cut the first wait short

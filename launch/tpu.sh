@@ -12,7 +12,8 @@
 # Flags (each falls back to the environment variable in brackets):
 #   --tpu-name [TPU_NAME]  --zone [ZONE]  --project [PROJECT]
 #   --accelerator-type [ACCELERATOR_TYPE], e.g. v5p-32    (create)
-#   --runtime-version [TPU_RUNTIME_VERSION], default tpu-ubuntu2204-base   (create)
+#   --runtime-version [TPU_RUNTIME_VERSION], default by generation: v2-alpha-tpuv5 (v5p),
+#       v2-alpha-tpuv5-lite (v5e), v2-alpha-tpuv6e (v6e), tpu-ubuntu2204-base (v4 and older)
 #   --workdir [WORKDIR], e.g. gs://bucket/geomeld/run1   (run). Every host writes its part
 #       of each checkpoint there, so a multi-host slice needs gs:// (or a shared mount); the
 #       run refuses to start when the hosts do not see the same workdir.
@@ -40,10 +41,11 @@ readonly JAX_TPU_FIND_LINKS='https://storage.googleapis.com/jax-releases/libtpu_
 
 DRY_RUN=0
 CAPACITY=""
-CONFIG=""
+CONFIG="${CONFIG:-}"
 OVERRIDES=()
-TPU_RUNTIME_VERSION="${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+TPU_RUNTIME_VERSION="${TPU_RUNTIME_VERSION:-}"
 DATA_BUCKET="${DATA_BUCKET:-}"
+DATA_BUCKET_FLAG=0  # --data-bucket typed on the command line (an exported one applies quietly)
 DATA_MOUNT="${DATA_MOUNT:-/tmp/gcsfuse}"
 
 die() { echo "tpu.sh: error: $*" >&2; exit 2; }
@@ -112,14 +114,26 @@ gcsfuse_mount_lines() {
   cat <<EOS
 command -v gcsfuse >/dev/null || { echo "gcsfuse is missing on \$(hostname): run launch/tpu.sh setup --data-bucket=$DATA_BUCKET" >&2; exit 1; }
 mkdir -p $mount
+if mountpoint -q $mount && [ "\$(findmnt -no SOURCE $mount)" != "$bucket" ]; then fusermount -u $mount; fi
 mountpoint -q $mount || gcsfuse -o ro --implicit-dirs --type-cache-max-size-mb=-1 --stat-cache-max-size-mb=-1 --kernel-list-cache-ttl-secs=-1 --metadata-cache-ttl-secs=-1 $bucket $mount
 EOS
 }
 
 # ---------------------------------------------------------------------------------------------
+# Google's software versions per generation (cloud.google.com/tpu/docs/runtimes).
+default_runtime() {
+  case "$1" in
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) echo tpu-ubuntu2204-base ;;
+  esac
+}
+
 cmd_create() {
   require TPU_NAME ZONE PROJECT ACCELERATOR_TYPE
   require_gcloud
+  [[ -n "$TPU_RUNTIME_VERSION" ]] || TPU_RUNTIME_VERSION="$(default_runtime "$ACCELERATOR_TYPE")"
   local capacity=()
   [[ -n "$CAPACITY" ]] && capacity=("--$CAPACITY")
   run_cmd gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" \
@@ -147,7 +161,17 @@ src=$REMOTE_ROOT/src/$sha
 mkdir -p \$src $REMOTE_ROOT/logs
 tar -xzf ~/geomeld-$sha.tar.gz -C \$src
 echo $sha > \$src/GIT_SHA
-[ -x $REMOTE_ROOT/venv/bin/python ] || python3 -m venv $REMOTE_ROOT/venv
+# The project needs Python >= 3.11; TPU VM images ship Ubuntu 22.04's 3.10. uv fetches a
+# standalone 3.11 then (--seed: with pip in the venv).
+if [ ! -x $REMOTE_ROOT/venv/bin/python ]; then
+  if python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    python3 -m venv $REMOTE_ROOT/venv
+  else
+    python3 -m pip install -q --user uv
+    python3 -m uv venv --seed --python 3.11 $REMOTE_ROOT/venv
+  fi
+fi
+$REMOTE_ROOT/venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11), sys.version'
 $REMOTE_ROOT/venv/bin/pip install -q -U pip
 $REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt 'jax[tpu]' -f $JAX_TPU_FIND_LINKS
 $REMOTE_ROOT/venv/bin/pip install -q -c \$src/constraints.txt -e \"\$src[tpu,gcs]\"
@@ -162,6 +186,9 @@ cmd_run() {
   require_gcloud
   local sha run_id overrides_q cmdline record
   sha="$(local_sha)"
+  if [[ -n "$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no)" ]]; then
+    echo "tpu.sh: warning: uncommitted changes are not shipped; workers run commit $sha" >&2
+  fi
   run_id="$(date -u +%Y%m%dT%H%M%SZ)"
   overrides_q=""
   if (( ${#OVERRIDES[@]} )); then
@@ -174,6 +201,9 @@ cmd_run() {
   local remote="set -euo pipefail
 src=$REMOTE_ROOT/src/$sha
 [ -f \$src/.setup_done ] || { echo \"commit $sha is not set up on \$(hostname): run launch/tpu.sh setup\" >&2; exit 1; }
+if [ -f $REMOTE_ROOT/run.pid ] && kill -0 -- -\$(cat $REMOTE_ROOT/run.pid) 2>/dev/null; then
+  echo \"a run is still going on \$(hostname) (process group \$(cat $REMOTE_ROOT/run.pid)): launch/tpu.sh stop\" >&2; exit 1
+fi
 $(gcsfuse_mount_lines)
 stale=\$(sudo lsof -t -w /dev/accel* /dev/vfio/* 2>/dev/null | sort -u || true)
 if [ -n \"\$stale\" ]; then echo \"killing stale TPU users: \$stale\"; sudo kill -9 \$stale || true; sleep 2; fi
@@ -181,8 +211,10 @@ sudo rm -f /tmp/libtpu_lockfile
 log=$REMOTE_ROOT/logs/run-$run_id-\$(hostname).log
 ln -sfn \$log $REMOTE_ROOT/logs/latest.log
 cd \$src
-GEOMELD_DISTRIBUTED=1 GEOMELD_GIT_SHA=$sha JAX_COMPILATION_CACHE_DIR=$(printf '%q' "$WORKDIR/jax_cache") \
-nohup $REMOTE_ROOT/venv/bin/${cmdline} > \$log 2>&1 < /dev/null &
+# JAX_PLATFORMS=tpu: a TPU that fails to start is an error, not a silent CPU run. setsid: the
+# run and its data workers form one process group, which stop ends as a whole.
+GEOMELD_DISTRIBUTED=1 GEOMELD_GIT_SHA=$sha JAX_PLATFORMS=tpu JAX_COMPILATION_CACHE_DIR=$(printf '%q' "$WORKDIR/jax_cache") \
+setsid nohup $REMOTE_ROOT/venv/bin/${cmdline} > \$log 2>&1 < /dev/null &
 echo \$! > $REMOTE_ROOT/run.pid
 echo \"started \$(cat $REMOTE_ROOT/run.pid) on \$(hostname), log \$log\""
   record="git_sha: $sha
@@ -214,7 +246,16 @@ cmd_logs() {
 cmd_stop() {
   require TPU_NAME ZONE PROJECT
   require_gcloud
-  tpu_ssh all "if [ -f $REMOTE_ROOT/run.pid ]; then pid=\$(cat $REMOTE_ROOT/run.pid); kill \$pid 2>/dev/null && echo \"stopped \$pid on \$(hostname)\" || echo \"\$pid already gone on \$(hostname)\"; rm -f $REMOTE_ROOT/run.pid; else echo \"no recorded run on \$(hostname)\"; fi"
+  # SIGTERM lets the trainer save its preemption checkpoint; then up to 5 minutes for that
+  # save before the whole process group (grain's data workers too) is killed.
+  tpu_ssh all "if [ -f $REMOTE_ROOT/run.pid ]; then pgid=\$(cat $REMOTE_ROOT/run.pid)
+if kill -TERM -- -\$pgid 2>/dev/null; then
+  for i in \$(seq 300); do kill -0 \$pgid 2>/dev/null || break; sleep 1; done
+  kill -KILL -- -\$pgid 2>/dev/null || true
+  echo \"stopped process group \$pgid on \$(hostname)\"
+else echo \"\$pgid already gone on \$(hostname)\"; fi
+rm -f $REMOTE_ROOT/run.pid
+else echo \"no recorded run on \$(hostname)\"; fi"
 }
 
 cmd_delete() {
@@ -235,7 +276,7 @@ while (( $# )); do
     --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
     --runtime-version=*) TPU_RUNTIME_VERSION="${1#*=}" ;;
     --workdir=*) WORKDIR="${1#*=}" ;;
-    --data-bucket=*) DATA_BUCKET="${1#*=}" ;;
+    --data-bucket=*) DATA_BUCKET="${1#*=}"; DATA_BUCKET_FLAG=1 ;;
     --data-mount=*) DATA_MOUNT="${1#*=}" ;;
     --config=*) CONFIG="${1#*=}" ;;
     --spot) CAPACITY=spot ;;
@@ -255,7 +296,9 @@ if (( ${#OVERRIDES[@]} )) && [[ "$SUBCOMMAND" != run ]]; then
 fi
 if [[ -n "$DATA_BUCKET" ]]; then
   [[ "$DATA_BUCKET" =~ ^gs://[a-z0-9][a-z0-9._-]*/?$ ]] || die "--data-bucket takes a bucket, gs://NAME, not '$DATA_BUCKET' (pick the path inside it with --config.input.data_dir=$DATA_MOUNT/<path>)"
-  [[ "$SUBCOMMAND" == setup || "$SUBCOMMAND" == run ]] || die "--data-bucket only applies to 'setup' and 'run'"
+  if (( DATA_BUCKET_FLAG )) && [[ "$SUBCOMMAND" != setup && "$SUBCOMMAND" != run ]]; then
+    die "--data-bucket only applies to 'setup' and 'run'"
+  fi
 fi
 if [[ -n "$CAPACITY" && "$SUBCOMMAND" != create ]]; then
   die "--$CAPACITY only applies to 'create'"

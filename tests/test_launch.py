@@ -22,7 +22,8 @@ def _head_sha() -> str:
 
 
 def _run(script: pathlib.Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-  base = {k: v for k, v in os.environ.items() if k not in TPU_ENV and k not in ("CONFIG", "XLA_FLAGS")}
+  skip = ("CONFIG", "XLA_FLAGS", "DATA_BUCKET", "DATA_MOUNT", "TPU_RUNTIME_VERSION")
+  base = {k: v for k, v in os.environ.items() if k not in TPU_ENV and k not in skip}
   return subprocess.run([BASH, str(script), *args], env={**base, **(env or {})}, capture_output=True,
                         text=True, timeout=30, cwd=REPO_ROOT)
 
@@ -40,6 +41,12 @@ def test_create_spot_and_reserved():
     assert part in spot.stdout
   reserved = _run(TPU_SH, "--dry-run", "create", "--reserved", env=TPU_ENV)
   assert reserved.returncode == 0 and "--reserved" in reserved.stdout and "--spot" not in reserved.stdout
+  # The software version follows the generation unless given.
+  assert "--runtime-version=v2-alpha-tpuv5 " in spot.stdout + " "
+  v4 = _run(TPU_SH, "--dry-run", "--accelerator-type=v4-8", "create", env=TPU_ENV)
+  assert "--runtime-version=tpu-ubuntu2204-base" in v4.stdout
+  given = _run(TPU_SH, "--dry-run", "--runtime-version=my-image", "create", env=TPU_ENV)
+  assert "--runtime-version=my-image" in given.stdout
 
 
 def test_setup_ships_the_head_sha_to_all_workers(sha):
@@ -51,7 +58,9 @@ def test_setup_ships_the_head_sha_to_all_workers(sha):
   assert sha in scp and "--worker=all" in scp
   ssh = out[out.index("tpu-vm ssh"):]
   assert "--worker=all" in ssh and f"src=~/geomeld/src/{sha}" in ssh
-  assert "[ -x ~/geomeld/venv/bin/python ] || python3 -m venv" in ssh  # idempotent venv
+  assert "if [ ! -x ~/geomeld/venv/bin/python ]; then" in ssh  # idempotent venv
+  # TPU images ship Python 3.10; the project needs 3.11 (uv fetches it).
+  assert "uv venv --seed --python 3.11" in ssh and "sys.version_info >= (3, 11)" in ssh
   assert "jax[tpu]" in ssh and '-c $src/constraints.txt -e "$src[tpu,gcs]"' in ssh
   assert "gcsfuse" not in ssh  # only with --data-bucket
 
@@ -73,6 +82,11 @@ def test_data_bucket_is_installed_at_setup_and_mounted_before_the_run():
     assert result.returncode == 2 and "--data-bucket takes a bucket" in result.stderr
   stop = _run(TPU_SH, "--dry-run", "stop", "--data-bucket=gs://geo-data", env=TPU_ENV)
   assert stop.returncode == 2 and "only applies to 'setup' and 'run'" in stop.stderr
+  # Exported (as the help suggests), the bucket must not block the other subcommands.
+  for sub in ("stop", "logs", "delete"):
+    assert _run(TPU_SH, "--dry-run", sub, env={**TPU_ENV, "DATA_BUCKET": "gs://geo-data"}).returncode == 0
+  # A mount of another bucket is replaced, not reused.
+  assert 'findmnt -no SOURCE /mnt/geo)" != "geo-data" ]; then fusermount -u /mnt/geo' in out
 
 
 def test_run_cleans_stale_tpu_users_and_starts_detached(sha):
@@ -84,8 +98,11 @@ def test_run_cleans_stale_tpu_users_and_starts_detached(sha):
   assert "lsof -t -w /dev/accel* /dev/vfio/*" in ssh and "rm -f /tmp/libtpu_lockfile" in ssh
   # Cleanup runs before the training process starts.
   assert ssh.index("libtpu_lockfile") < ssh.index("nohup")
+  # A run still going is not killed as a stale TPU user: the launch refuses first.
+  assert ssh.index("a run is still going") < ssh.index("lsof")
+  assert "JAX_PLATFORMS=tpu" in ssh  # a TPU that fails to start is an error, not a CPU run
   assert "GEOMELD_DISTRIBUTED=1" in ssh and f"GEOMELD_GIT_SHA={sha}" in ssh
-  assert ("nohup ~/geomeld/venv/bin/python -m geomeld_jax.main --config=configs/pretrain.py:base "
+  assert ("setsid nohup ~/geomeld/venv/bin/python -m geomeld_jax.main --config=configs/pretrain.py:base "
           "--workdir=gs://bucket/geomeld/run1 " + " ".join(OVERRIDES)) in ssh
   assert "> $log 2>&1 < /dev/null &" in ssh and "$(hostname).log" in ssh  # per-worker log
   assert "echo $! > ~/geomeld/run.pid" in ssh
@@ -119,7 +136,9 @@ def test_logs_stop_delete():
   assert "--worker=all" in logs.stdout and "grep -q Traceback" in logs.stdout
   stop = _run(TPU_SH, "--dry-run", "stop", env=TPU_ENV)
   assert stop.returncode == 0 and "--worker=all" in stop.stdout
-  assert "pid=$(cat ~/geomeld/run.pid); kill $pid" in stop.stdout
+  # The run's whole process group (grain's data workers too), after its checkpoint.
+  assert "kill -TERM -- -$pgid" in stop.stdout and "kill -KILL -- -$pgid" in stop.stdout
+  assert stop.stdout.index("seq 300") < stop.stdout.index("kill -KILL")
   delete = _run(TPU_SH, "--dry-run", "delete", env=TPU_ENV)
   assert delete.returncode == 0
   assert "gcloud compute tpus queued-resources delete geomeld-test" in delete.stdout
@@ -205,3 +224,9 @@ def test_gpu_launcher_passes_sigterm_on_to_the_trainer(tmp_path):
   assert launcher.returncode == 0, out
   assert "got TERM" in out and "never signalled" not in out
   assert "got TERM" in (workdir / "train.log").read_text()
+
+
+def test_run_takes_an_exported_config():
+  result = _run(TPU_SH, "--dry-run", "run", env={**TPU_ENV, "CONFIG": "configs/pretrain.py:tiny"})
+  assert result.returncode == 0, result.stderr
+  assert "--config=configs/pretrain.py:tiny" in result.stdout
