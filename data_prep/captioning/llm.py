@@ -107,8 +107,10 @@ class ChatClient:
   # -- cache -----------------------------------------------------------------------------
   def cache_key(self, tile_id: str, prompt_hash: str, index: int, seed: int) -> str:
     c = self.config
-    return hashlib.sha256(f"{tile_id}|{prompt_hash}|{c.model}|{index}|{seed}|{c.temperature}|"
-                          f"{c.max_tokens}".encode()).hexdigest()
+    # The endpoint too: a local server (llama.cpp, Ollama) may serve other weights under the
+    # same model name, and its answers must not pass for another server's.
+    return hashlib.sha256(f"{tile_id}|{prompt_hash}|{c.model}|{self._url}|{index}|{seed}|"
+                          f"{c.temperature}|{c.max_tokens}".encode()).hexdigest()
 
   def _cache_get(self, key: str) -> str | None:
     if self._cache is None:
@@ -229,9 +231,13 @@ def parse_completion(raw: bytes) -> str:
   """The first choice's message content of a chat-completions body, or LLMError."""
   try:
     data: Any = json.loads(raw.decode("utf-8"))
-    content = data["choices"][0]["message"]["content"]
+    choice = data["choices"][0]
+    content = choice["message"]["content"]
   except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError):
     raise LLMError("malformed_response", f"{len(raw)} bytes, not a chat completion") from None
+  # A completion cut at max_tokens ("length") or filtered is not a caption; never cached.
+  if choice.get("finish_reason") not in (None, "stop"):
+    raise LLMError("truncated_response", f"finish_reason {choice.get('finish_reason')!r}")
   if not isinstance(content, str) or not content.strip():
     raise LLMError("empty_response", "choice has no text")
   return content.strip()

@@ -54,6 +54,7 @@ class Claim:
   end: int
   extent: str | None = None
   extent_span: tuple[int, int] | None = None
+  extent_phrase: str | None = None
   number: float | None = None
   number_span: tuple[int, int] | None = None
 
@@ -231,6 +232,7 @@ def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _S
     if best is not None:
       c.extent = _EXTENT_OF[best.group(0).lower()]
       c.extent_span = (prev_end + best.start(), prev_end + best.end())
+      c.extent_phrase = best.group(0)
 
   def adjacent(s: int, e: int, max_words: int) -> bool:
     return (len(text[s:e].split()) <= max_words
@@ -239,8 +241,10 @@ def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _S
   for m in _PERCENT_RE.finditer(text):
     if not sc.free(*m.span(1)):
       continue
+    # "30% meadows" binds forward, but never across a bracket or a conjunction: in
+    # "forest (about 67%) with meadows" the 67% is the forest's.
     after = [c for c in targets if c.start >= m.end() and c.number is None
-             and adjacent(m.end(), c.start, 2)]
+             and adjacent(m.end(), c.start, 2) and not _BREAK_RE.search(text[m.end():c.start])]
     before = [c for c in targets if c.end <= m.start() and c.number is None
               and adjacent(c.end, m.start(), 3)]
     owner = after[0] if after else (before[-1] if before else None)
@@ -252,7 +256,16 @@ def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _S
   claims.sort(key=lambda c: c.start)
 
 
+_BREAK_RE = re.compile(r"[()]|\b(?:and|with|or|while|but|plus|whereas)\b", re.I)
 _LEFTOVER_NAME_RE = re.compile(r"(?<![\w.-])[A-Z][a-z]+")
+# Negations and quantity or comparison words outside a claim's span: "the tile lacks open
+# water", "hardly any forest", "grassland dominates", "more grassland than forest", "covering
+# more than 35%". A claim's own extent phrase ("no water", "mostly forest") is inside its span
+# and checked; left over, such a word would turn a checked claim into a different statement.
+_LEFTOVER_QUALIFIER_RE = re.compile(
+    r"\b(?:not|no|none|never|neither|nor|lacks?|lacking|absent|absence|without|hardly|barely|"
+    r"scarcely|few|fewer|little|dominat\w*|majority|most|mostly|mainly|largely|predominantly|"
+    r"primarily|more|less|than|except)\b|n't\b", re.I)
 _LEFTOVER_LINK_RE = re.compile(r"https?:|www\.|@|\b\w+\.(?:com|org|net|io|info|ru|cn)\b", re.I)
 _LEFTOVER_NUMBER_RE = re.compile(r"\d")
 _SENSOR_RE = re.compile(r"\bSentinel-?[12]\b")
@@ -277,10 +290,12 @@ _LEFTOVER_OBJECT_RE = re.compile(r"\b(?:" + "|".join(_OBJECT_WORDS) + r")\b", re
 
 
 def unchecked_content(clause: str, claims: list[Claim]) -> str | None:
-  """A name, link, number or object in `clause` that none of its claims accounts for, or None.
+  """A name, link, number, object, negation or comparison in `clause` that none of its claims
+  accounts for, or None.
 
   Such words are never checked ("along the Danube", "visit x.com", "built in 1990", "and a
-  golf course"), so a clause holding one goes even when its other claims hold.
+  golf course", "the tile lacks open water", "more grassland than forest"), so a clause
+  holding one goes even when its other claims hold.
   """
   rest = list(_SENSOR_RE.sub(lambda m: " " * len(m.group(0)), clause))
   for c in claims:
@@ -288,7 +303,7 @@ def unchecked_content(clause: str, claims: list[Claim]) -> str | None:
       rest[s:e] = " " * (e - s)
   rest = "".join(rest)
   m = (_LEFTOVER_LINK_RE.search(rest) or _LEFTOVER_NUMBER_RE.search(rest)
-       or _LEFTOVER_OBJECT_RE.search(rest))
+       or _LEFTOVER_OBJECT_RE.search(rest) or _LEFTOVER_QUALIFIER_RE.search(rest))
   if m is None:  # a clause's first word may be capitalised
     m = _LEFTOVER_NAME_RE.search(rest, re.match(r"\s*\S*", clause).end())
   return m.group(0) if m else None
@@ -297,6 +312,11 @@ def unchecked_content(clause: str, claims: list[Claim]) -> str | None:
 # ----------------------------------------------------------------------------------------
 # Checking.
 # ----------------------------------------------------------------------------------------
+
+
+# Extent phrases that do not stand before their noun like a determiner.
+_NOT_A_DETERMINER = frozenset(("dominated by", "mostly", "mainly", "predominantly", "largely",
+                               "without", "free of"))
 
 
 def _fraction_check(c: Claim, f: float, evidence: str, rng_phrase: str) -> Check:
@@ -314,9 +334,16 @@ def _fraction_check(c: Claim, f: float, evidence: str, rng_phrase: str) -> Check
       return Check(CONTRADICTED, evidence)
     names = ([n for n in lx.extent_for(f) if n != "none"]
              or [n for n in lx.EXTENTS if n != "none" and lx.extent_holds(n, f)])
-    if not names:
+    # The swap must read as the original did. A determiner-like phrase ("some", "patches
+    # of") is swapped for another; "mostly", "dominated by" or "without" only where it opens
+    # the clause ("Mostly cropland" -> "Small patches of cropland"), for inside one it reads
+    # differently ("the tile is mostly grassland" -> "the tile is large areas of grassland"):
+    # the clause goes instead.
+    inside = (c.extent_phrase or "").lower() in _NOT_A_DETERMINER and c.extent_span[0] > 0
+    swaps = [p for n in names for p in lx.EXTENTS[n][2] if p not in _NOT_A_DETERMINER]
+    if not swaps or inside:
       return Check(CONTRADICTED, evidence)
-    return Check(CONTRADICTED, evidence, (*c.extent_span, lx.EXTENTS[names[0]][2][0]))
+    return Check(CONTRADICTED, evidence, (*c.extent_span, swaps[0]))
   if f >= lx.PRESENCE_RANGE[0] - 0.002:
     return Check(SUPPORTED, evidence)
   return Check(CONTRADICTED, evidence + f" ({rng_phrase} absent)")
@@ -459,7 +486,7 @@ def _number_check(c: Claim, record: AttributeRecord) -> Check:
 # ----------------------------------------------------------------------------------------
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
-_CLAUSE_SPLIT = re.compile(r"\s*[,;:]\s*")
+_CLAUSE_SPLIT = re.compile(r"\s*(?:;|:|,(?!\d{3}\b))\s*")  # "1,490 m" stays whole
 
 
 def _clauses(sentence: str) -> list[str]:

@@ -165,6 +165,18 @@ def test_verifier_keeps_true_free_text(forest_tile, caption):
     ("Mostly forest and some scattered features covering 12%, in Slovenia.", "In Slovenia."),
     ("Seen in the southern hemisphere, in Slovenia.", "In Slovenia."),  # a hemisphere, not water
     ("The sea covering about 6%, in Slovenia.", "Open water covering about 6%, in Slovenia."),
+    # A percentage in brackets is its class's, never the next one's across ") with".
+    ("Forest (about 67%) with meadows, in Slovenia.", "Forest (about 67%) with meadows, in Slovenia."),
+    ("Grassland (about 67%) and forest, in Slovenia.", "Grassland (about 28%) and forest, in Slovenia."),
+    # Negations, dominance and comparisons outside a claim: unchecked, the clause goes.
+    ("The tile lacks open water, in Slovenia.", "In Slovenia."),
+    ("Hardly any forest, in Slovenia.", "In Slovenia."),
+    ("The terrain is not mountainous, in Slovenia.", "In Slovenia."),
+    ("Grassland dominates the tile, in Slovenia.", "In Slovenia."),
+    ("More grassland than forest, in Slovenia.", "In Slovenia."),
+    ("Grassland covering more than 35%, in Slovenia.", "In Slovenia."),
+    # A wrong "dominated by" inside a clause is not swapped into broken grammar.
+    ("A landscape dominated by grassland, in Slovenia.", "In Slovenia."),
 ])
 def test_verifier_drops_or_fixes_what_it_cannot_check(forest_tile, caption, kept):
   assert verifier.verify(caption, forest_tile).caption == kept

@@ -184,6 +184,15 @@ def test_config_from_env_and_errors(monkeypatch):
     stage_lib.make_caption_stage("gpt")
   with pytest.raises(llm.LLMError, match="malformed"):
     llm.parse_completion(b'{"choices": []}')
+  cut = b'{"choices": [{"message": {"content": "Mostly forest and"}, "finish_reason": "length"}]}'
+  with pytest.raises(llm.LLMError, match="finish_reason 'length'"):
+    llm.parse_completion(cut)
+  done = cut.replace(b'"length"', b'"stop"')
+  assert llm.parse_completion(done) == "Mostly forest and"
+  # Two servers with one model name never share cached answers.
+  a = llm.ChatClient(llm.LLMConfig(endpoint="http://a:8000/v1", model="m"))
+  b = llm.ChatClient(llm.LLMConfig(endpoint="http://b:8000/v1", model="m"))
+  assert a.cache_key("t", "p", 0, 0) != b.cache_key("t", "p", 0, 0)
 
 
 def test_stage_runs_inside_the_builds_beam_runner(tile):
