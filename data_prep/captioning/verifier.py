@@ -257,11 +257,16 @@ def _attach_extents(text: str, claims: list[Claim], targets: list[Claim], sc: _S
 
 
 _BREAK_RE = re.compile(r"[()]|\b(?:and|with|or|while|but|plus|whereas)\b", re.I)
-_LEFTOVER_NAME_RE = re.compile(r"(?<![\w.-])[A-Z][a-z]+")
+_WORD_RE = re.compile(r"(?<![\w.-])[^\W\d_][\w'-]*")
 # Negations and quantity or comparison words outside a claim's span: "the tile lacks open
 # water", "hardly any forest", "grassland dominates", "more grassland than forest", "covering
 # more than 35%". A claim's own extent phrase ("no water", "mostly forest") is inside its span
 # and checked; left over, such a word would turn a checked claim into a different statement.
+# Positions no claim checks: only water's position is measured ("a lake in the north" parses as
+# its claim); "to the north", "in the top-left corner", "on the western edge", "east of" do not.
+_LEFTOVER_DIRECTION_RE = re.compile(
+    r"\b(?:north|south|east|west)(?:-?(?:east|west))?(?:ern|wards?)?\b|\b(?:top|bottom|left|"
+    r"right)(?:-(?:left|right|hand))?\b|\b(?:corner|edge|margin)s?\b", re.I)
 _LEFTOVER_QUALIFIER_RE = re.compile(
     r"\b(?:not|no|none|never|neither|nor|lacks?|lacking|absent|absence|without|hardly|barely|"
     r"scarcely|few|fewer|little|dominat\w*|majority|most|mostly|mainly|largely|predominantly|"
@@ -303,10 +308,18 @@ def unchecked_content(clause: str, claims: list[Claim]) -> str | None:
       rest[s:e] = " " * (e - s)
   rest = "".join(rest)
   m = (_LEFTOVER_LINK_RE.search(rest) or _LEFTOVER_NUMBER_RE.search(rest)
-       or _LEFTOVER_OBJECT_RE.search(rest) or _LEFTOVER_QUALIFIER_RE.search(rest))
-  if m is None:  # a clause's first word may be capitalised
-    m = _LEFTOVER_NAME_RE.search(rest, re.match(r"\s*\S*", clause).end())
-  return m.group(0) if m else None
+       or _LEFTOVER_OBJECT_RE.search(rest) or _LEFTOVER_QUALIFIER_RE.search(rest)
+       or _LEFTOVER_DIRECTION_RE.search(rest))
+  if m is not None:
+    return m.group(0)
+  # A capitalised word or an acronym is a name (Unicode: "Łódź", "Évora"), except a clause's
+  # first word, which may be capitalised anyway.
+  first = re.match(r"\s*\S*", clause).end()
+  for w in _WORD_RE.finditer(rest, first):
+    word = w.group(0)
+    if word[0].isupper() and (len(word) > 1 or not word.isalpha()):
+      return word
+  return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -490,11 +503,29 @@ _CLAUSE_SPLIT = re.compile(r"\s*(?:;|:|,(?!\d{3}\b))\s*")  # "1,490 m" stays who
 
 
 def _clauses(sentence: str) -> list[str]:
-  return [c for c in _CLAUSE_SPLIT.split(sentence.strip().rstrip(".!?").strip()) if c]
+  """The clauses of a sentence; never split inside brackets ("(about 67%, in the north)")."""
+  text = sentence.strip().rstrip(".!?").strip()
+  out, depth, start = [], 0, 0
+  for m in re.finditer(r"[()]|" + _CLAUSE_SPLIT.pattern, text):
+    if m.group(0) == "(":
+      depth += 1
+    elif m.group(0) == ")":
+      depth = max(0, depth - 1)
+    elif depth == 0:
+      out.append(text[start:m.start()])
+      start = m.end()
+  out.append(text[start:])
+  return [c for c in out if c]
+
+
+_LEADING_LINK_RE = re.compile(r"^(?:and|but|or|with|while|whereas|plus)\b\s*", re.I)
 
 
 def _join(clauses: list[str]) -> str:
-  s = ", ".join(c.strip() for c in clauses if c.strip())
+  clauses = [c.strip() for c in clauses if c.strip()]
+  if clauses:  # "A golf course, and mostly forest" without its first clause: "Mostly forest"
+    clauses[0] = _LEADING_LINK_RE.sub("", clauses[0])
+  s = ", ".join(c for c in clauses if c)
   return (s[0].upper() + s[1:] + ".") if s else ""
 
 
@@ -580,6 +611,7 @@ def available_groups(record: AttributeRecord) -> set[str]:
 def verify(caption: str, record: AttributeRecord, max_passes: int = 3) -> Verification:
   """Checks, rewrites and re-checks a caption until a pass finds nothing to fix."""
   original = caption if isinstance(caption, str) else ""
+  original = unicodedata.normalize("NFC", original)  # "Škofja" as one letter, as names are
   if not original.strip():
     return Verification(original, None, [], [], 0.0, 0.0, "empty_caption")
   text, first_table, _ = _pass(original, record)

@@ -177,9 +177,24 @@ def test_verifier_keeps_true_free_text(forest_tile, caption):
     ("Grassland covering more than 35%, in Slovenia.", "In Slovenia."),
     # A wrong "dominated by" inside a clause is not swapped into broken grammar.
     ("A landscape dominated by grassland, in Slovenia.", "In Slovenia."),
+    # Positions nothing measures (only water's "in the north" is checked).
+    ("A lake to the north, mostly forest, in Slovenia.", "Mostly forest, in Slovenia."),
+    ("Forest on the western edge, in Slovenia.", "In Slovenia."),
+    ("Open water in the top-left corner, in Slovenia.", "In Slovenia."),
+    # Names beyond ASCII capitals, and acronyms.
+    ("Mostly forest near Łódź, in Slovenia.", "In Slovenia."),
+    ("Mostly forest owned by NATO, in Slovenia.", "In Slovenia."),
+    # Brackets stay whole; a surviving clause loses its dangling conjunction.
+    ("Mostly forest (with a golf course, some grassland), in Slovenia.", "In Slovenia."),
+    ("A golf course, and mostly forest, in Slovenia.", "Mostly forest, in Slovenia."),
 ])
 def test_verifier_drops_or_fixes_what_it_cannot_check(forest_tile, caption, kept):
   assert verifier.verify(caption, forest_tile).caption == kept
+
+
+def test_clauses_keep_brackets_and_thousands_whole():
+  clauses = verifier._clauses("Forest (about 67%, mostly north), elevations around 1,490 m, in X.")  # pylint: disable=protected-access
+  assert clauses == ["Forest (about 67%, mostly north)", "elevations around 1,490 m", "in X"]
 
 
 def _with(record, **values):
