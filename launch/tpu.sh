@@ -30,7 +30,8 @@
 # Example (first, on this machine, check that the step compiles and fits the slice's HBM:
 #   python -m geomeld_jax.aot --config=configs/pretrain.py:base --topology=v5p:2x2x4 [--config.a.b=v]):
 #   export TPU_NAME=geomeld-v5p ZONE=us-east5-a PROJECT=my-proj ACCELERATOR_TYPE=v5p-32
-#   launch/tpu.sh create --spot && launch/tpu.sh setup
+#   launch/tpu.sh create --spot   # queued: setup once `gcloud compute tpus queued-resources
+#                                 # describe $TPU_NAME` says ACTIVE (spot capacity can take a while)
 #   launch/tpu.sh setup --data-bucket=gs://my-data
 #   launch/tpu.sh run --workdir=gs://my-bucket/geomeld/base1 --config=configs/pretrain.py:base \
 #       --data-bucket=gs://my-data -- --config.input.data_dir=/tmp/gcsfuse/geomeld

@@ -621,6 +621,8 @@ def prompt_facts(record: AttributeRecord) -> dict[str, Any]:
     if name.startswith(("s2.", "water.esa", "water.dynamic", "water.sentinel2", "landcover.world",
                         "landcover.dynamic")):
       continue  # per-product detail: the consensus attributes carry it
+    if ".metadata" in name:
+      continue  # the release metadata's values are image-level training targets: not for text
     if a.known and a.confidence >= CLAIM_CONFIDENCE:
       facts[name] = a.value
     else:

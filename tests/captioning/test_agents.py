@@ -42,6 +42,10 @@ def test_orchestrator_record_is_typed_json_with_sources(tile):
   assert rec.value("place.country") == "Slovenia"  # near 45.9 N, 14.6 E
   fr = rec.value("landcover.fractions")
   assert abs(sum(fr.values()) - 1.0) < 0.02
+  # The release metadata's water and terrain values are training targets: kept out of prompts.
+  assert any(".metadata" in name for name in rec.attributes)
+  prompt = orchestrator.prompt_facts(rec)
+  assert not [n for n in [*prompt["facts"], *prompt["unknown"]] if ".metadata" in n]
 
 
 def test_missing_modalities_are_unknown_and_never_claimed():
