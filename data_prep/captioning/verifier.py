@@ -205,9 +205,15 @@ def parse_clause(text: str, record: AttributeRecord | None = None) -> list[Claim
         extent_claims.append(c)
   claims.sort(key=lambda c: c.start)
   _attach_extents(text, claims, extent_claims, sc)
-  if not any(c.kind == "water" for c in claims):
-    for c in claims:  # only water has a measured position: "grassland in the north" is not checkable
-      if c.kind == "water_location":
+  # Only water has a measured position: a position is water's when the class it follows (or,
+  # opening the clause, the one it precedes) is water; "grassland in the north beside a lake"
+  # places the grassland, which nothing checks.
+  covers = [c for c in claims if c.kind in ("water", "landcover")]
+  for c in claims:
+    if c.kind == "water_location":
+      before = [o for o in covers if o.end <= c.start]
+      owner = before[-1] if before else next((o for o in covers if o.start >= c.end), None)
+      if owner is None or owner.kind != "water":
         c.kind = "location"
   return claims
 

@@ -185,6 +185,7 @@ def test_verifier_keeps_true_free_text(forest_tile, caption):
     ("A lake to the north, mostly forest, in Slovenia.", "Mostly forest, in Slovenia."),
     ("Forest on the western edge, in Slovenia.", "In Slovenia."),
     ("Open water in the top-left corner, in Slovenia.", "In Slovenia."),
+    ("Grassland in the north beside a lake, in Slovenia.", "In Slovenia."),  # the grassland's place
     # Names beyond ASCII capitals, and acronyms.
     ("Mostly forest near Łódź, in Slovenia.", "In Slovenia."),
     ("Mostly forest owned by NATO, in Slovenia.", "In Slovenia."),
