@@ -12,7 +12,10 @@ Layout read (one unit per granule; products since late 2016 hold one):
 Bands: each band at its finest native resolution (L2A also ships 10 m bands resampled to 20
 and 60 m: those copies are skipped), B10 ignored, then the generic raster path: nearest
 neighbour onto the 10 m grid, cut into tiles, each tile located from the granule's UTM
-georeference (`raster.tiles_from_scene`). TCI, SCL, AOT and WVP layers are not read.
+georeference (`raster.tiles_from_scene`). TCI, AOT and WVP layers are not read. An L2A
+product's scene classification (SCL, 20 m) gives each tile ``s2_cloud_fraction`` (classes 8-10:
+cloud medium/high probability, thin cirrus) and ``s2_cloud_shadow_fraction`` (class 3), over
+its pixels with a class, for filtering downstream; nothing is dropped for clouds here.
 
 Radiometry. GeoMeld stores Sentinel-2 as DN = reflectance x 1e4, the convention of the
 "harmonized" collections the release was drawn from. From processing baseline 04.00 (Jan
@@ -97,6 +100,30 @@ def granule_band_files(img_data: pathlib.Path) -> list[tuple[pathlib.Path, str, 
           sorted(best.items(), key=lambda kv: mod.SENTINEL2.band_index(kv[0]))]
 
 
+SCL_CLOUD = (8, 9, 10)  # cloud medium probability, cloud high probability, thin cirrus
+SCL_SHADOW = (3,)
+
+
+def scene_classification_file(img_data: pathlib.Path) -> pathlib.Path | None:
+  """The L2A granule's SCL layer (20 m), or None (L1C)."""
+  return next(iter(sorted(img_data.rglob("*_SCL_20m.jp2"))), None)
+
+
+def cloud_fractions(scl: np.ndarray, georef: raster.GeoRef, bounds: list[float]
+                    ) -> dict[str, float | None]:
+  """Cloud and cloud-shadow shares of the SCL pixels inside a tile's map bounds."""
+  c0 = max(0, int(np.floor((bounds[0] - georef.ulx) / georef.res_x)))
+  c1 = int(np.ceil((bounds[2] - georef.ulx) / georef.res_x))
+  r0 = max(0, int(np.floor((georef.uly - bounds[1]) / georef.res_y)))
+  r1 = int(np.ceil((georef.uly - bounds[3]) / georef.res_y))
+  window = scl[r0:r1, c0:c1]
+  classified = int(np.count_nonzero(window))  # class 0: no data
+  if not classified:
+    return {"s2_cloud_fraction": None, "s2_cloud_shadow_fraction": None}
+  share = lambda classes: round(float(np.isin(window, classes).sum()) / classified, 4)  # noqa: E731
+  return {"s2_cloud_fraction": share(SCL_CLOUD), "s2_cloud_shadow_fraction": share(SCL_SHADOW)}
+
+
 def apply_offsets(sample: RawSample, offsets: dict[str, float]) -> None:
   """DN + ADD_OFFSET on one tile's Sentinel-2 (C, H, W) float array, in place: DN 0 is NaN
   (no data) already and stays so; a pixel at or below 0 after the offset becomes 1 and is
@@ -176,8 +203,12 @@ class Sentinel2SafeSource:
             f"{fields['datatake'][:4]}-{fields['datatake'][4:6]}-{fields['datatake'][6:8]}"),
     }
     prefix = f"s2{fields['level'].lower()}_{mgrs}_{fields['datatake']}"  # s2l1c_T33TWM_2023...
+    scl_path = scene_classification_file(img_data)
+    scl = raster.read_with_rasterio(str(scl_path)) if scl_path else None
     for item in raster.tiles_from_scene(raster.Scene(bands), meta, prefix, f"s2safe:{unit}",
                                         self.pad):
       if isinstance(item, RawSample):
         apply_offsets(item, offsets)
+        if scl is not None:
+          item.metadata.update(cloud_fractions(scl[0], scl[1], item.metadata["map_bounds"]))
       yield item

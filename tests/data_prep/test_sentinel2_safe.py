@@ -79,8 +79,12 @@ def _product(root, level="L1C", baseline="05.09", offset=-1000, seed=0, quantifi
   if level == "L2A":  # ESA's resampled copies of 10 m bands and non-band layers: never read
     _jp2(granule / "R20m" / f"T33TWM_{DATATAKE}_B02_20m.jp2",
          np.full((SIDE // 2, SIDE // 2), 7, np.uint16), 20)
-    _jp2(granule / "R20m" / f"T33TWM_{DATATAKE}_SCL_20m.jp2",
-         np.full((SIDE // 2, SIDE // 2), 4, np.uint8), 20)
+    scl = np.full((SIDE // 2, SIDE // 2), 4, np.uint8)  # vegetation
+    half = T // 2  # a tile's side on the 20 m grid
+    scl[:half // 2, half:] = 9  # tile r0 c1: its top half cloud (high probability)
+    scl[half // 2:half // 2 + 8, half:] = 3  # and 8 of its 64 rows cloud shadow
+    scl[half:, :half] = 0  # tile r1 c0: no classification
+    _jp2(granule / "R20m" / f"T33TWM_{DATATAKE}_SCL_20m.jp2", scl, 20)
     _jp2(granule / "R10m" / f"T33TWM_{DATATAKE}_TCI_10m.jp2", np.zeros((SIDE, SIDE), np.uint8), 10)
   return product, dn
 
@@ -117,7 +121,7 @@ def test_l1c_product_tiles_offsets_and_location(l1c):
   for band in mod.SENTINEL2.bands:  # B10 is not read; every band is DN - 1000, nearest 10 m
     want = _upsampled(dn, band)[T:, :T].astype(np.float32) - 1000
     np.testing.assert_array_equal(s2[mod.SENTINEL2.band_index(band)], want, err_msg=band)
-  assert t.metadata["s2_dark_pixels_clamped"] == 0
+  assert t.metadata["s2_dark_pixels_clamped"] == 0 and "s2_cloud_fraction" not in t.metadata
   assert t.metadata["s2_product"] == "L1C" and t.metadata["acquisition_date"] == "2023-06-01"
   assert t.metadata["s2_processing_baseline"] == "05.09" and t.metadata["crs"] == "EPSG:32633"
   lat, lon = raster.utm_to_latlon(ULX + 10 * T / 2, ULY - 10 * 1.5 * T, 33)
@@ -140,6 +144,11 @@ def test_l2a_product_reads_each_band_at_its_finest_resolution(tmp_path):
     want = _upsampled(dn, band)[:T, T:].astype(np.float32) - 1000
     np.testing.assert_array_equal(s2[mod.SENTINEL2.band_index(band)], want, err_msg=band)
   assert t.metadata["s2_product"] == "L2A" and t.metadata["s2_safe_product"] == product.name
+  # Cloud shares from the scene classification, per tile.
+  assert t.metadata["s2_cloud_fraction"] == 0.5 and t.metadata["s2_cloud_shadow_fraction"] == 0.125
+  clear = tiles[f"s2l2a_T33TWM_{DATATAKE}_r000_c000"].metadata
+  assert clear["s2_cloud_fraction"] == 0.0 and clear["s2_cloud_shadow_fraction"] == 0.0
+  assert tiles[f"s2l2a_T33TWM_{DATATAKE}_r001_c000"].metadata["s2_cloud_fraction"] is None
 
 
 def test_product_before_baseline_04_keeps_its_dn(tmp_path):
