@@ -199,10 +199,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *,
 
   history: dict[int, dict[str, float]] = {}
   t0 = time.monotonic()
-  if first_step and is_eval_step(first_step) and _last_eval_step(workdir) != first_step:
-    logging.info("evaluating step %d first: the run stopped before its evaluation", first_step)
-    evaluate(first_step)
   try:
+    if first_step and is_eval_step(first_step) and _last_eval_step(workdir) != first_step:
+      logging.info("evaluating step %d first: the run stopped before its evaluation", first_step)
+      evaluate(first_step)
     for step in range(first_step + 1, config.total_steps + 1):
       batch = sharding.put_batch(next(train_iter), mesh)  # explicit, allowed by the guard
       with jax.transfer_guard(config.transfer_guard):  # no implicit copy inside the step
