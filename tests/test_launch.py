@@ -1,9 +1,12 @@
-"""Dry runs of launch/tpu.sh and launch/gpu.sh: the printed commands, without gcloud or GPUs."""
+"""Dry runs of launch/tpu.sh and launch/gpu.sh: the printed commands, without gcloud or GPUs,
+and the printed remote scripts run under bash on a fake TPU worker."""
 
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -230,3 +233,70 @@ def test_run_takes_an_exported_config():
   result = _run(TPU_SH, "--dry-run", "run", env={**TPU_ENV, "CONFIG": "configs/pretrain.py:tiny"})
   assert result.returncode == 0, result.stderr
   assert "--config=configs/pretrain.py:tiny" in result.stdout
+
+
+def _remote_command(stdout: str) -> str:
+  """The --command of the last `tpu-vm ssh --worker=all` line the dry run printed."""
+  ssh = stdout[stdout.rindex("gcloud compute tpus tpu-vm ssh"):]
+  return next(a for a in shlex.split(ssh) if a.startswith("--command="))[len("--command="):]
+
+
+def _worker(tmp_path: pathlib.Path, sha: str) -> tuple[dict[str, str], pathlib.Path]:
+  """A fake TPU worker: HOME with the SHA set up, a venv python that records its argv, and
+  sudo/lsof stubs (no TPU, no root)."""
+  home, stubs = tmp_path / "home", tmp_path / "bin"
+  (home / "geomeld" / "src" / sha).mkdir(parents=True)
+  (home / "geomeld" / "src" / sha / ".setup_done").touch()
+  (home / "geomeld" / "logs").mkdir()  # as setup leaves them
+  (home / "geomeld" / "venv" / "bin").mkdir(parents=True)
+  python = home / "geomeld" / "venv" / "bin" / "python"
+  python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$HOME/argv"\n'
+                    'echo "$JAX_PLATFORMS" > "$HOME/platforms"\nexec sleep 300\n')
+  stubs.mkdir()
+  (stubs / "sudo").write_text('#!/usr/bin/env bash\nexec "$@"\n')
+  (stubs / "lsof").write_text("#!/usr/bin/env bash\nexit 1\n")
+  for f in (python, stubs / "sudo", stubs / "lsof"):
+    f.chmod(0o755)
+  return {"HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}"}, home
+
+
+def test_run_and_stop_commands_execute_on_a_fake_worker(tmp_path, sha):
+  """The remote scripts themselves, under bash: overrides reach the trainer byte for byte, a
+  second run is refused while the first is going, and stop ends its whole process group."""
+  tricky = [*OVERRIDES, "--config.mesh=(('data',-1),('fsdp',4))", "--config.name=it's two words"]
+  run = _run(TPU_SH, "--dry-run", "run", "--config=configs/pretrain.py:base", "--", *tricky,
+             env=TPU_ENV)
+  assert run.returncode == 0, run.stderr
+  env, home = _worker(tmp_path, sha)
+  remote = _remote_command(run.stdout)
+  started = subprocess.run([BASH, "-c", remote], env=env, capture_output=True, text=True, timeout=30)
+  assert started.returncode == 0, started.stderr
+  pgid = int((home / "geomeld" / "run.pid").read_text())
+  try:
+    _check_started_then_stop(home, env, remote, pgid, tricky)
+  finally:  # a failing check must not leave the fake trainer running
+    try:
+      os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+
+def _check_started_then_stop(home, env, remote, pgid, tricky):
+  for _ in range(100):  # the stub writes argv, then the platform: wait for the second
+    if (home / "platforms").exists() and (home / "platforms").read_text().strip():
+      break
+    time.sleep(0.1)
+  argv = (home / "argv").read_text().splitlines()
+  assert argv == ["-m", "geomeld_jax.main", "--config=configs/pretrain.py:base",
+                  "--workdir=gs://bucket/geomeld/run1", *tricky]
+  assert (home / "platforms").read_text().strip() == "tpu"
+  assert os.getpgid(pgid) == pgid  # the trainer leads its own process group
+  again = subprocess.run([BASH, "-c", remote], env=env, capture_output=True, text=True, timeout=30)
+  assert again.returncode == 1 and "a run is still going" in again.stderr
+  stop = _run(TPU_SH, "--dry-run", "stop", env=TPU_ENV)
+  stopped = subprocess.run([BASH, "-c", _remote_command(stop.stdout)], env=env,
+                           capture_output=True, text=True, timeout=60)
+  assert stopped.returncode == 0 and f"stopped process group {pgid}" in stopped.stdout
+  with pytest.raises(ProcessLookupError):
+    os.killpg(pgid, 0)
+  assert not (home / "geomeld" / "run.pid").exists()
