@@ -48,7 +48,7 @@ QUANTIFICATION = 10000.0  # DN = reflectance x 1e4 (modalities.SENTINEL2)
 _PRODUCT_RE = re.compile(
     r"(?P<mission>S2[ABCD])_MSI(?P<level>L1C|L2A)_(?P<datatake>\d{8}T\d{6})_N(?P<baseline>\d{4})"
     r"_R(?P<orbit>\d{3})_(?P<tile>T\d{2}[A-Z]{3})_\d{8}T\d{6}")
-_BAND_FILE_RE = re.compile(r"_B(?P<band>8A|\d{2})(?:_(?P<res>\d{2})m)?$", re.IGNORECASE)
+_RESOLUTION_RE = re.compile(r"_(\d{2})m$")
 
 
 def parse_product_name(name: str) -> dict[str, str]:
@@ -87,13 +87,11 @@ def granule_band_files(img_data: pathlib.Path) -> list[tuple[pathlib.Path, str, 
   R60m folders in L2A), each band at its finest resolution."""
   best: dict[str, tuple[int, pathlib.Path]] = {}
   for p in sorted(img_data.rglob("*.jp2")):
-    m = _BAND_FILE_RE.search(p.stem)
-    if not m:
-      continue  # TCI, SCL, AOT, WVP, ...
-    band = "B8A" if m["band"].upper() == "8A" else f"B{int(m['band'])}"
-    if band not in mod.SENTINEL2.bands:
-      continue  # B10 (cirrus)
-    res = int(m["res"]) if m["res"] else 0  # L1C names carry no resolution: one file per band
+    m = _RESOLUTION_RE.search(p.stem)  # L2A: "_B02_10m"; L1C names carry none
+    named = raster.band_from_name(p.stem[:m.start()] if m else p.stem)
+    if named is None or named[0] != "sentinel2":
+      continue  # TCI, SCL, AOT, WVP, B10 (cirrus), ...
+    band, res = named[1], int(m.group(1)) if m else 0
     if band not in best or res < best[band][0]:
       best[band] = (res, p)
   return [(p, "sentinel2", band) for band, (_, p) in
